@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sparkdl-installed
+LAKEHOUSE ?= $(CURDIR)/lakehouse
+
+.PHONY: demo test venv check-java bench clean
+
+check-java:
+	@command -v java >/dev/null 2>&1 || { echo "error: Java 17 is required by Spark 4 and was not found on PATH; install it (e.g. 'apt-get install openjdk-17-jre-headless') or set JAVA_HOME." >&2; exit 1; }
+	@java -version 2>&1 | head -1 | grep -Eq '"(17|21)[."]' || { echo "error: Spark 4 needs Java 17 (or 21); found: $$(java -version 2>&1 | head -1). Install openjdk-17 and put it first on PATH or set JAVA_HOME." >&2; exit 1; }
+
+# The venv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'." >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is installed first and pinned, so pip takes the CPU wheel on disk instead of a CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: check-java $(STAMP)
+	$(PY) jobs/pipeline.py --lakehouse $(LAKEHOUSE)
+
+test: check-java $(STAMP)
+	$(PY) -m pytest -q
+
+bench: check-java $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(LAKEHOUSE) .pytest_cache

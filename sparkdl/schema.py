@@ -1,0 +1,316 @@
+"""Dataset schemas: the declared columns, types, roles, tensor shapes and codecs.
+
+Schemas live in ``schemas/<name>.yaml`` (or ``.json``). ETL output is validated against its
+schema before commit, and the roles, shapes and codecs travel into the Delta table as
+column metadata (``sparkdl.role``, ``sparkdl.shape``, ``sparkdl.codec``), so a loader
+reading any version of the table knows how to decode it without the YAML file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import pyarrow as pa
+
+from sparkdl.errors import SchemaMismatchError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+    from pyspark.sql.types import DataType
+
+__all__ = ["ColumnSpec", "DatasetSchema", "schemas_dir", "ROLES", "CODECS", "TYPES"]
+
+ROLES = ("feature", "label", "id", "weight", "meta")
+CODECS = ("raw", "png", "jpeg")
+_SCALARS: dict[str, pa.DataType] = {
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "string": pa.string(),
+    "binary": pa.binary(),
+    "date": pa.date32(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+TYPES = tuple(_SCALARS) + tuple(f"array<{t}>" for t in _SCALARS if t not in ("string", "binary"))
+
+
+def schemas_dir() -> Path:
+    """Folder of the bundled schemas (``SPARKDL_SCHEMAS_DIR`` overrides)."""
+    env = os.environ.get("SPARKDL_SCHEMAS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "schemas"
+
+
+def _arrow_type(type_name: str) -> pa.DataType:
+    if type_name in _SCALARS:
+        return _SCALARS[type_name]
+    if type_name.startswith("array<") and type_name.endswith(">"):
+        return pa.list_(_arrow_type(type_name[6:-1]))
+    raise ValueError(f"unknown column type {type_name!r}; use one of {list(TYPES)}")
+
+
+def _type_name(t: pa.DataType) -> str:
+    """Inverse of ``_arrow_type``: the schema-file spelling of an Arrow type."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return f"array<{_type_name(t.value_type)}>"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return "binary"
+    for name, scalar in _SCALARS.items():
+        if t == scalar:
+            return name
+    return str(t)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColumnSpec:
+    """One declared column."""
+
+    name: str
+    """Column name as written to the table."""
+    type: str
+    """Logical type: bool, int8..int64, float32, float64, string, binary, date, timestamp or array<T>."""
+    role: str = "feature"
+    """What the column is for: feature, label, id, weight or meta (carried, not trained on)."""
+    shape: tuple[int, ...] | None = None
+    """Tensor shape of one value, for array columns and decoded images (e.g. [8, 8])."""
+    codec: str = "raw"
+    """How a binary value decodes: raw (bytes as is), png or jpeg (to a uint8 tensor)."""
+    nullable: bool = True
+    """Whether nulls are allowed; non-nullable columns are checked before commit."""
+    description: str = ""
+    """Free text for people reading the schema."""
+
+    def __post_init__(self) -> None:
+        _arrow_type(self.type)
+        if self.role not in ROLES:
+            raise ValueError(f"column {self.name!r}: role {self.role!r} is not one of {list(ROLES)}")
+        if self.codec not in CODECS:
+            raise ValueError(f"column {self.name!r}: codec {self.codec!r} is not one of {list(CODECS)}")
+        if self.codec != "raw" and self.type != "binary":
+            raise ValueError(f"column {self.name!r}: codec {self.codec!r} needs type binary, not {self.type}")
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+            if any(d <= 0 for d in self.shape):
+                raise ValueError(f"column {self.name!r}: shape {list(self.shape)} must be positive sizes")
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        return _arrow_type(self.type)
+
+    def arrow_field(self) -> pa.Field:
+        meta = {"sparkdl.role": self.role, "sparkdl.codec": self.codec}
+        if self.shape is not None:
+            meta["sparkdl.shape"] = json.dumps(list(self.shape))
+        if self.description:
+            meta["comment"] = self.description
+        return pa.field(self.name, self.arrow_type, nullable=self.nullable, metadata=meta)
+
+    @classmethod
+    def from_arrow_field(cls, f: pa.Field) -> "ColumnSpec":
+        meta = {k.decode(): v.decode() for k, v in (f.metadata or {}).items()}
+        shape = meta.get("sparkdl.shape")
+        return cls(
+            name=f.name,
+            type=_type_name(f.type),
+            role=meta.get("sparkdl.role", "feature"),
+            codec=meta.get("sparkdl.codec", "raw"),
+            shape=tuple(json.loads(shape)) if shape else None,
+            nullable=f.nullable,
+            description=meta.get("comment", ""),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSchema:
+    """A dataset's declared columns."""
+
+    name: str
+    """Dataset name; also the schema file's stem."""
+    columns: tuple[ColumnSpec, ...]
+    """Declared columns, in table order."""
+    description: str = ""
+    """Free text."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other keys of the schema file, kept for the caller."""
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"schema {self.name!r} declares columns {dupes} more than once")
+
+    # ----- loading -----
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DatasetSchema":
+        data = dict(data)
+        try:
+            name = data.pop("name")
+            cols = data.pop("columns")
+        except KeyError as e:
+            raise ValueError(f"schema is missing the key {e.args[0]!r} (needs name and columns)") from e
+        desc = data.pop("description", "")
+        columns = []
+        for i, c in enumerate(cols):
+            try:
+                columns.append(ColumnSpec(**c))
+            except TypeError as e:
+                raise ValueError(f"schema {name!r}, column #{i} ({c.get('name')!r}): {e}") from e
+        return cls(name=name, columns=tuple(columns), description=desc, extra=data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "DatasetSchema":
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".json":
+            return cls.from_dict(json.loads(text))
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+    @classmethod
+    def load(cls, name: str) -> "DatasetSchema":
+        """Load ``schemas/<name>.yaml`` (or .yml/.json), or a schema file path."""
+        p = Path(name)
+        if p.suffix in (".yaml", ".yml", ".json") and p.exists():
+            return cls.from_file(p)
+        for ext in (".yaml", ".yml", ".json"):
+            candidate = schemas_dir() / f"{name}{ext}"
+            if candidate.exists():
+                return cls.from_file(candidate)
+        known = sorted(q.stem for q in schemas_dir().glob("*.y*ml"))
+        raise ValueError(f"no schema named {name!r} in {schemas_dir()}; known schemas: {known}")
+
+    @classmethod
+    def from_arrow(cls, schema: pa.Schema, name: str = "table") -> "DatasetSchema":
+        """Recover a schema from Arrow/Delta column metadata (written by ``to_arrow``)."""
+        return cls(name=name, columns=tuple(ColumnSpec.from_arrow_field(f) for f in schema))
+
+    # ----- views -----
+    def to_arrow(self) -> pa.Schema:
+        return pa.schema([c.arrow_field() for c in self.columns])
+
+    def to_dict(self) -> dict[str, Any]:
+        cols = []
+        for c in self.columns:
+            d: dict[str, Any] = {"name": c.name, "type": c.type, "role": c.role, "nullable": c.nullable}
+            if c.shape is not None:
+                d["shape"] = list(c.shape)
+            if c.codec != "raw":
+                d["codec"] = c.codec
+            if c.description:
+                d["description"] = c.description
+            cols.append(d)
+        return {"name": self.name, "description": self.description, "columns": cols, **self.extra}
+
+    def column(self, name: str) -> ColumnSpec:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(f"schema {self.name!r} has no column {name!r}; columns: {self.names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def with_role(self, role: str) -> list[ColumnSpec]:
+        return [c for c in self.columns if c.role == role]
+
+    # ----- validation -----
+    def mismatches(self, found: pa.Schema) -> list[str]:
+        """Differences between this schema and ``found``, one message per column."""
+        problems = []
+        found_names = set(found.names)
+        for c in self.columns:
+            if c.name not in found_names:
+                problems.append(f"column {c.name!r} is missing (expected {c.type})")
+                continue
+            got = _type_name(found.field(c.name).type)
+            if got != c.type:
+                problems.append(f"column {c.name!r}: expected {c.type}, found {got}")
+        for n in found.names:
+            if n not in {c.name for c in self.columns}:
+                problems.append(
+                    f"unexpected column {n!r} ({_type_name(found.field(n).type)}): declare it in "
+                    f"{schemas_dir() / (self.name + '.yaml')} or drop it"
+                )
+        return problems
+
+    def validate_arrow(self, found: pa.Schema) -> None:
+        problems = self.mismatches(found)
+        if problems:
+            raise SchemaMismatchError(self.name, problems)
+
+    def validate_spark(self, df: "DataFrame", *, check_nulls: bool = False) -> None:
+        """Check column names and types of ``df``; with ``check_nulls`` also count nulls in
+        non-nullable columns (one aggregation pass over the data)."""
+        self.validate_arrow(spark_to_arrow_schema(df.schema))
+        if check_nulls:
+            from pyspark.sql import functions as F
+
+            required = [c.name for c in self.columns if not c.nullable]
+            if not required:
+                return
+            row = df.agg(*[F.sum(F.col(n).isNull().cast("long")).alias(n) for n in required]).first()
+            bad = [f"column {n!r} is declared non-nullable but has {row[n]} nulls" for n in required if row[n]]
+            if bad:
+                raise SchemaMismatchError(self.name, bad)
+
+    def spark_schema(self):  # -> pyspark.sql.types.StructType
+        from pyspark.sql.types import StructField, StructType
+
+        return StructType([StructField(c.name, _spark_type(c.type), c.nullable) for c in self.columns])
+
+    def arrow_with_metadata(self, found: pa.Schema) -> pa.Schema:
+        """``found`` with this schema's column metadata attached (for the Delta commit)."""
+        fields = []
+        for f in found:
+            try:
+                spec = self.column(f.name)
+            except KeyError:
+                fields.append(f)
+                continue
+            fields.append(f.with_metadata(spec.arrow_field().metadata))
+        return pa.schema(fields)
+
+
+def _spark_type(type_name: str) -> "DataType":
+    from pyspark.sql import types as T
+
+    simple = {
+        "bool": T.BooleanType(), "int8": T.ByteType(), "int16": T.ShortType(),
+        "int32": T.IntegerType(), "int64": T.LongType(), "float32": T.FloatType(),
+        "float64": T.DoubleType(), "string": T.StringType(), "binary": T.BinaryType(),
+        "date": T.DateType(), "timestamp": T.TimestampType(),
+    }
+    if type_name in simple:
+        return simple[type_name]
+    return T.ArrayType(_spark_type(type_name[6:-1]))
+
+
+def spark_to_arrow_schema(spark_schema: Any) -> pa.Schema:
+    """Arrow schema of a Spark StructType (timestamps as UTC microseconds, as Delta stores them)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow = to_arrow_schema(spark_schema)
+    fields = []
+    for f in arrow:
+        t = f.type
+        if pa.types.is_timestamp(t):
+            t = pa.timestamp("us", tz="UTC")
+        fields.append(pa.field(f.name, t, f.nullable))
+    return pa.schema(fields)
+
+
+def names_of(columns: Iterable[ColumnSpec]) -> list[str]:
+    return [c.name for c in columns]
