@@ -314,9 +314,6 @@ def write_table(
     if target_file_mb <= 0 or row_group_mb <= 0:
         raise ValueError("target_file_mb and row_group_mb must be positive (MiB)")
     partition_by = list(partition_by or [])
-    missing = [c for c in partition_by if c not in df.columns]
-    if missing:
-        raise ValueError(f"partition_by names columns {missing} that the DataFrame lacks; columns: {df.columns}")
     uri = normalize_uri(uri)
     arrow_schema = spark_to_arrow_schema(df.schema)
     if schema is not None:
@@ -325,9 +322,26 @@ def write_table(
     exists = table_exists(uri, storage_options)
     if exists and mode == "error":
         raise ValueError(f"table {uri} already exists; pass mode='append' or mode='overwrite'")
-    if exists and mode == "append":
-        current = snapshot(uri, storage_options=storage_options).schema
-        diffs = DatasetSchema.from_arrow(current, name=uri).mismatches(pa.schema([f.remove_metadata() for f in arrow_schema]))
+    current = _open(uri, None, storage_options) if exists else None
+    if current is not None:
+        # Files written without the table's partition folders would carry no partition
+        # values in the log, and readers would see nulls in those columns.
+        table_parts = list(current.metadata().partition_columns)
+        if not partition_by:
+            partition_by = table_parts
+        elif partition_by != table_parts:
+            raise ValueError(
+                f"partition_by={partition_by} differs from the partition columns {table_parts} of {uri}; "
+                f"pass partition_by={table_parts} (or leave it out), or write a new table to change the layout"
+            )
+    missing = [c for c in partition_by if c not in df.columns]
+    if missing:
+        raise ValueError(f"partition_by names columns {missing} that the DataFrame lacks; columns: {df.columns}")
+    if current is not None and mode == "append":
+        table_schema = pa.schema(current.schema().to_arrow())
+        diffs = DatasetSchema.from_arrow(table_schema, name=uri).mismatches(
+            pa.schema([f.remove_metadata() for f in arrow_schema])
+        )
         if diffs:
             raise ValueError(
                 f"cannot append to {uri}: " + "; ".join(diffs) + ". Use mode='overwrite' to replace the table"
@@ -400,7 +414,9 @@ def _commit(
         AddAction(f"{folder}/{rel}", size, _partition_values(rel, partition_by), mtime, True, st)
         for (rel, size, mtime), st in zip(staged, stats)
     ]
-    meta = {"sparkdl.writer": "sparkdl.lakehouse", "sparkdl.mode": mode}
+    # The staging folder name is unique per write: it identifies our commit in the history
+    # even when concurrent writers commit identical metadata.
+    meta = {"sparkdl.writer": "sparkdl.lakehouse", "sparkdl.mode": mode, "sparkdl.staging": folder}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (commit_metadata or {}).items()})
     props = CommitProperties(custom_metadata=meta, max_commit_retries=20)
     target = delta_uri(uri)

@@ -1,0 +1,99 @@
+"""Configuration of the streaming loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LoaderConfig", "REMAINDER_POLICIES", "torch_dtype"]
+
+REMAINDER_POLICIES = ("drop", "pad")
+
+
+def torch_dtype(name: str, *, what: str) -> torch.dtype:
+    """The torch dtype called ``name`` (``"float32"``, ``"torch.int64"``); ValueError naming ``what``."""
+    attr = name.removeprefix("torch.")
+    dtype = getattr(torch, attr, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"{what}: {name!r} is not a torch dtype; use a name such as 'float32', 'float16', "
+            "'bfloat16', 'int64', 'int32', 'uint8' or 'bool'"
+        )
+    return dtype
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """How a :class:`~sparkdl.data.TableLoader` batches, shuffles and prefetches."""
+
+    batch_size: int = 256
+    """Rows per batch."""
+    columns: list[str] | None = None
+    """Columns to load, in this order (projection pushed down to Parquet); None loads all columns."""
+    shuffle: bool = True
+    """Reshuffle every epoch: row groups are permuted across ranks, then rows inside a shuffle buffer."""
+    seed: int = 0
+    """Seed of every shuffle; the same seed, epoch and world size give the same batches."""
+    shuffle_buffer_rows: int = 65_536
+    """Rows of a rank's stream read and shuffled together (rounded up to a multiple of batch_size).
+    Bigger mixes better and costs memory; it is also the unit a resume skips without reading."""
+    drop_last: bool = True
+    """Drop each rank's final partial batch; False yields it (it has the same size on every rank)."""
+    remainder: str = "drop"
+    """Rows beyond floor(N / world_size) * world_size each epoch: "drop" leaves them out (different
+    rows each shuffled epoch); "pad" gives every rank ceil(N / world_size) rows by repeating rows."""
+    prefetch_batches: int = 4
+    """Batches prepared ahead by the background thread."""
+    max_bytes_in_flight: int | None = None
+    """Bound on the bytes of prepared batches waiting for the consumer (at least one batch is always
+    allowed); None bounds them only by prefetch_batches."""
+    decode_threads: int = 4
+    """Threads decoding PNG/JPEG columns."""
+    dtypes: dict[str, str] = field(default_factory=dict)
+    """Per-column torch dtype overrides, e.g. {"x": "float32"}; other columns keep their table type."""
+    pin_memory: bool = False
+    """Put batches in pinned (page-locked) memory for faster host-to-GPU copies; ignored without CUDA."""
+    device: str | None = None
+    """Move batches to this device (e.g. "cuda:0"), asynchronously when pin_memory is on."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "shuffle_buffer_rows", "prefetch_batches", "decode_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoaderConfig.{name}={value!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"LoaderConfig.seed={self.seed!r} must be a non-negative integer")
+        if self.remainder not in REMAINDER_POLICIES:
+            raise ValueError(
+                f"LoaderConfig.remainder={self.remainder!r} must be one of {list(REMAINDER_POLICIES)}"
+            )
+        if self.max_bytes_in_flight is not None and self.max_bytes_in_flight < 1:
+            raise ValueError(
+                f"LoaderConfig.max_bytes_in_flight={self.max_bytes_in_flight!r} must be a positive "
+                "number of bytes, or None to bound prefetch by prefetch_batches only"
+            )
+        if self.columns is not None:
+            if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
+                raise ValueError(
+                    f"LoaderConfig.columns={self.columns!r} must be a list of column names, e.g. ['x', 'y']"
+                )
+            self.columns = list(self.columns)
+            if not self.columns:
+                raise ValueError("LoaderConfig.columns=[] selects nothing; pass None for all columns")
+            dupes = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if dupes:
+                raise ValueError(f"LoaderConfig.columns names {dupes} more than once")
+        self.dtypes = dict(self.dtypes)
+        for col, name in self.dtypes.items():
+            torch_dtype(name, what=f"LoaderConfig.dtypes[{col!r}]")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"LoaderConfig.device={self.device!r} is not a torch device: {e}") from e
+
+    @property
+    def block_rows(self) -> int:
+        """The shuffle buffer in rows, rounded up to whole batches."""
+        return -(-self.shuffle_buffer_rows // self.batch_size) * self.batch_size

@@ -1,0 +1,265 @@
+"""The loader's input: a Delta table version or a list of Parquet files, as row-group pieces.
+
+Only stable ``pyarrow.dataset`` / ``pyarrow.parquet`` / ``pyarrow.fs`` APIs are used: one
+``ParquetFileFragment`` per file (carrying the Delta partition values as its partition
+expression, so partition columns read like any other column and filters on them prune whole
+files), split into one fragment per row group.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from sparkdl.data.plan import Piece, Segment
+from sparkdl.errors import EmptyTableError, LoaderError
+
+__all__ = ["TableSource", "resolve_source", "list_pieces", "PieceReader"]
+
+_LOCAL_SCHEMES = ("", "file")
+# Schemes whose filesystem paths carry no host part (the host is the cluster, not a bucket).
+_HOSTLESS_SCHEMES = ("hdfs", "viewfs")
+
+
+@dataclass
+class TableSource:
+    """What a loader reads: files, their filesystem, the table schema and the row-group pieces."""
+
+    uri: str | None
+    """Delta table root, or None for a plain file list."""
+    version: int | None
+    """Resolved Delta version, or None for a plain file list."""
+    files: list[str]
+    """File URIs as the table lists them (used in messages)."""
+    schema: pa.Schema
+    """Schema of the table, partition columns included, with sparkdl column metadata if any."""
+    fragments: list[ds.ParquetFileFragment]
+    """One fragment per file, with the file's partition values as its partition expression."""
+
+
+def _fs_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    if parsed.scheme in _LOCAL_SCHEMES or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return unquote(parsed.path) if parsed.scheme == "file" else uri
+    if parsed.scheme in _HOSTLESS_SCHEMES:
+        return parsed.path
+    return f"{parsed.netloc}{parsed.path}"
+
+
+def _pyarrow_uri(uri: str) -> str:
+    # Hadoop spells S3 as s3a:// or s3n://; pyarrow knows only s3://.
+    for hadoop in ("s3a://", "s3n://"):
+        if uri.startswith(hadoop):
+            return "s3://" + uri[len(hadoop):]
+    return uri
+
+
+def _filesystem_for(files: Sequence[str], filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, list[str]]:
+    if filesystem is None:
+        scheme = urlparse(files[0]).scheme
+        if scheme in _LOCAL_SCHEMES:
+            filesystem = pafs.LocalFileSystem()
+        else:
+            try:
+                filesystem, _ = pafs.FileSystem.from_uri(_pyarrow_uri(files[0]))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                raise RuntimeError(
+                    f"pyarrow has no filesystem for {files[0]}: {e}. Pass filesystem= a "
+                    "pyarrow.fs.FileSystem (e.g. pyarrow.fs.S3FileSystem(...), or an fsspec one "
+                    "wrapped as pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))"
+                ) from e
+    return filesystem, [_fs_path(_pyarrow_uri(f)) for f in files]
+
+
+def _partition_expression(values: Mapping[str, str | None], schema: pa.Schema) -> ds.Expression | None:
+    expr = None
+    for name, raw in values.items():
+        field = schema.field(name)
+        if raw is None:
+            term = ds.field(name).is_null()
+        else:
+            try:
+                value = pa.scalar(raw, pa.string()).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise LoaderError(
+                    f"partition value {raw!r} of column {name!r} does not convert to {field.type}: {e}"
+                ) from e
+            term = ds.field(name) == value
+        expr = term if expr is None else expr & term
+    return expr
+
+
+def resolve_source(
+    source: str | os.PathLike[str] | Sequence[str],
+    *,
+    version: int | None,
+    storage_options: Mapping[str, str] | None,
+    filesystem: pafs.FileSystem | None,
+) -> TableSource:
+    """Resolve a Delta URI (at ``version``) or a list of Parquet files to its fragments."""
+    fmt = ds.ParquetFileFormat()
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if text.endswith(".parquet") and os.path.isfile(text):
+            source = [text]
+        else:
+            return _resolve_delta(text, version, storage_options, filesystem, fmt)
+    files = [os.fspath(f) for f in source]
+    if version is not None:
+        raise ValueError("version= applies to a Delta table; a list of Parquet files has no versions")
+    if not files:
+        raise EmptyTableError("the list of Parquet files is empty; pass at least one file")
+    fs, paths = _filesystem_for(files, filesystem)
+    try:
+        schema = ds.dataset(paths, format=fmt, filesystem=fs).schema
+    except (FileNotFoundError, pa.ArrowInvalid, OSError) as e:
+        raise LoaderError(f"cannot open the Parquet files {files[:3]}{'...' if len(files) > 3 else ''}: {e}") from e
+    fragments = [fmt.make_fragment(p, filesystem=fs) for p in paths]
+    return TableSource(uri=None, version=None, files=files, schema=schema, fragments=fragments)
+
+
+def _resolve_delta(
+    uri: str,
+    version: int | None,
+    storage_options: Mapping[str, str] | None,
+    filesystem: pafs.FileSystem | None,
+    fmt: ds.ParquetFileFormat,
+) -> TableSource:
+    from sparkdl.lakehouse import snapshot
+
+    snap = snapshot(uri, version, storage_options=storage_options)
+    if not snap.files:
+        raise EmptyTableError(f"table {snap.uri} version {snap.version} has no data files (no rows to load)")
+    # Sorted, so every rank (and every process) sees the pieces in one order, whatever
+    # order the Delta log replay lists the files in.
+    listed = sorted(zip(snap.files, snap.partition_values), key=lambda fp: fp[0])
+    files = [f for f, _ in listed]
+    fs, paths = _filesystem_for(files, filesystem)
+    schema = snap.schema
+    fragments = [
+        fmt.make_fragment(p, filesystem=fs, partition_expression=_partition_expression(pv, schema))
+        if pv else fmt.make_fragment(p, filesystem=fs)
+        for p, (_, pv) in zip(paths, listed)
+    ]
+    return TableSource(uri=snap.uri, version=snap.version, files=files, schema=schema, fragments=fragments)
+
+
+def _filter_error(flt: ds.Expression, schema: pa.Schema, e: Exception) -> ValueError:
+    return ValueError(f"filter {flt} cannot be applied: {e}; available columns: {schema.names}")
+
+
+def list_pieces(
+    source: TableSource, flt: ds.Expression | None, *, threads: int = 8
+) -> tuple[list[Piece], list[ds.ParquetFileFragment]]:
+    """Every non-empty row group of the source as a piece (rows counted under ``flt``), in file
+    then row-group order, with the row-group fragment that reads it."""
+
+    def one_file(i: int) -> list[tuple[Piece, ds.ParquetFileFragment]]:
+        frag = source.fragments[i]
+        try:
+            frag.ensure_complete_metadata()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise LoaderError(f"cannot read the Parquet footer of {source.files[i]}: {e}") from e
+        starts, pos = {}, 0
+        for rg in frag.row_groups:
+            starts[rg.id] = pos
+            pos += rg.num_rows
+        try:
+            subs = frag.split_by_row_group(flt, schema=source.schema) if flt is not None else frag.split_by_row_group()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError) as e:
+            raise _filter_error(flt, source.schema, e) from e
+        out = []
+        for sub in subs:
+            rg = sub.row_groups[0]
+            if flt is None:
+                n = rg.num_rows
+            else:
+                try:
+                    n = sub.scanner(schema=source.schema, columns=[], filter=flt).count_rows()
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError) as e:
+                    raise _filter_error(flt, source.schema, e) from e
+            if n:
+                out.append((Piece(file=i, row_group=rg.id, num_rows=int(n), first_row=starts[rg.id]), sub))
+        return out
+
+    n_files = len(source.fragments)
+    with ThreadPoolExecutor(max(1, min(threads, n_files)), thread_name_prefix="sparkdl-loader-plan") as pool:
+        per_file = list(pool.map(one_file, range(n_files)))
+    pieces = [p for chunk in per_file for p, _ in chunk]
+    fragments = [f for chunk in per_file for _, f in chunk]
+    return pieces, fragments
+
+
+class PieceReader:
+    """Reads segments of pieces (projected, filtered) as one Arrow table.
+
+    Keeps the last piece it read: consecutive blocks of a rank's stream usually share a
+    row group at their boundary, which is then read once, not twice.
+    """
+
+    def __init__(
+        self,
+        source: TableSource,
+        pieces: list[Piece],
+        fragments: list[ds.ParquetFileFragment],
+        columns: list[str],
+        flt: ds.Expression | None,
+    ) -> None:
+        self._source = source
+        self._pieces = pieces
+        self._fragments = fragments
+        self._columns = columns
+        self._filter = flt
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def read_piece(self, index: int) -> pa.Table:
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        piece = self._pieces[index]
+        try:
+            table = self._fragments[index].to_table(
+                schema=self._source.schema, columns=self._columns, filter=self._filter, use_threads=True
+            )
+        except (OSError, pa.ArrowInvalid) as e:
+            raise LoaderError(
+                f"cannot read row group {piece.row_group} of {self._source.files[piece.file]}: {e}"
+            ) from e
+        if table.num_rows != piece.num_rows:
+            raise LoaderError(
+                f"row group {piece.row_group} of {self._source.files[piece.file]} has {table.num_rows} "
+                f"rows now but {piece.num_rows} when the loader was planned; the file changed underneath "
+                "the loader (Delta data files must be immutable: rewrite tables as new versions)"
+            )
+        self._cached = (index, table)
+        return table
+
+    def read(self, segments: Sequence[Segment]) -> pa.Table:
+        parts = [self.read_piece(s.piece).slice(s.start, s.num_rows) for s in segments]
+        if len(parts) == 1:
+            return parts[0]
+        return pa.concat_tables(parts)
+
+    def clear(self) -> None:
+        self._cached = None
+
+    def locate(self, segments: Sequence[Segment], row: int) -> str:
+        """Where row ``row`` of the concatenation of ``segments`` lives, for error messages."""
+        for seg in segments:
+            if row < seg.num_rows:
+                piece = self._pieces[seg.piece]
+                where = self._source.files[piece.file]
+                if self._filter is None:
+                    return f"{where}, row {piece.first_row + seg.start + row}"
+                return (
+                    f"{where}, row group {piece.row_group} (rows {piece.first_row}..), "
+                    f"match #{seg.start + row} of the filter {self._filter}"
+                )
+            row -= seg.num_rows
+        return "an unknown row"

