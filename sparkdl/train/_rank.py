@@ -1,0 +1,111 @@
+"""Executor/process side of a launch: rendezvous, process group, the user function.
+
+These are top-level functions (not closures) so Spark and multiprocessing pickle them by
+reference, and the driver-side launcher stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Iterator
+
+import cloudpickle
+
+from sparkdl.train import context as _context
+
+FAILURE_MARKER = "SPARKDL_RANK_FAILURE"
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, master_addr: str,
+             master_port: int, attempt: int, local_mode: bool, gpu: str | None) -> Any:
+    """Initialize torch.distributed, run the function, always tear the group down.
+
+    Any exception leaves as a RuntimeError carrying a JSON marker with the rank, the error and
+    its traceback, which the driver turns back into ``RankFailedError``."""
+    import torch
+    import torch.distributed as dist
+
+    spec = cloudpickle.loads(payload)
+    saved_env = {k: os.environ.get(k) for k in (*_ENV_KEYS, "OMP_NUM_THREADS", *spec["env"])}
+    backend = spec["backend"]
+    try:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
+                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        os.environ.update(spec["env"])
+        if spec["torch_threads"]:
+            torch.set_num_threads(spec["torch_threads"])
+            os.environ["OMP_NUM_THREADS"] = str(spec["torch_threads"])
+        if backend == "nccl":
+            device = torch.device(f"cuda:{gpu if gpu is not None else local_rank}")
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=spec["pg_timeout_s"]))
+        _context._set(_context.RankContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                                           attempt=attempt, local_mode=local_mode, backend=backend))
+        result = spec["fn"](*spec["args"], **spec["kwargs"])
+        return result if rank == 0 else None
+    except BaseException as e:
+        info = {"rank": rank, "attempt": attempt, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        raise RuntimeError(f"{FAILURE_MARKER}{json.dumps(info)}{FAILURE_MARKER}") from None
+    finally:
+        _context._set(None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        # Python workers are reused: leave no rank identity behind for the next task.
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def barrier_task(payload: bytes, attempt: int, _rows: Iterator[Any]) -> Iterator[bytes]:
+    """Body of one barrier task: rank = partition id; rank 0 publishes host:port via allGather."""
+    from pyspark import BarrierTaskContext
+
+    ctx = BarrierTaskContext.get()
+    rank = ctx.partitionId()
+    infos = ctx.getTaskInfos()
+    hosts = [i.address.rsplit(":", 1)[0] for i in infos]
+    host = hosts[rank]
+    addr = f"{host}:{free_port()}" if rank == 0 else ""
+    master = ctx.allGather(addr)[0]
+    master_addr, master_port = master.rsplit(":", 1)
+    local_rank = hosts[:rank].count(host)
+    gpus = ctx.resources().get("gpu")
+    gpu = gpus.addresses[0] if gpus is not None and gpus.addresses else None
+    result = run_rank(payload, rank=rank, world_size=len(infos), local_rank=local_rank, master_addr=master_addr,
+                      master_port=int(master_port), attempt=attempt, local_mode=False, gpu=gpu)
+    if rank == 0:
+        yield cloudpickle.dumps(result)
+
+
+def local_process_main(payload: bytes, rank: int, world_size: int, port: int, attempt: int, queue: Any,
+                       log_path: str) -> None:
+    """Body of one local-mode process; stdout/stderr go to ``log_path`` for the error report."""
+    import sys
+
+    log = open(log_path, "w", buffering=1)
+    sys.stdout = sys.stderr = log
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        result = run_rank(payload, rank=rank, world_size=world_size, local_rank=rank, master_addr="127.0.0.1",
+                          master_port=port, attempt=attempt, local_mode=True, gpu=None)
+        queue.put((rank, "ok", cloudpickle.dumps(result)))
+    except BaseException as e:
+        queue.put((rank, "error", str(e)))
+        sys.exit(1)
