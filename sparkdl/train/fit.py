@@ -116,7 +116,8 @@ def _curves(run_dir: Path, history: list[dict[str, Any]]) -> str | None:
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=key)
     axes[1].set(title="validation", xlabel="epoch")
-    axes[1].legend()
+    if axes[1].lines:
+        axes[1].legend()
     fig.tight_layout()
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)

@@ -140,6 +140,8 @@ def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     run_dir = Path(setup["run_dir"])
     columns = setup["feature_columns"] + [setup["label_column"]]
+    if setup.get("log_row_ids"):
+        columns.append(setup["log_row_ids"])
     model = build_model(cfg.model, **setup["model_kwargs"]).to(device)
     task = getattr(model, "task", "binary")
     if cfg.sync_batchnorm:
@@ -200,7 +202,7 @@ def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
         micro = 0
         for batch in train:
             batch = {k: v.to(device) for k, v in batch.items()}
-            if ids_log:
+            if ids_log:  # debug/test option: which rows each step consumed, per attempt
                 with open(run_dir / f"rows-rank{rank}.jsonl", "a") as f:
                     f.write(json.dumps({"attempt": ctx.attempt, "epoch": epoch, "step": step,
                                         "ids": batch[ids_log].tolist()}) + "\n")
