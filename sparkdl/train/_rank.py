@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Iterator
@@ -16,9 +18,12 @@ from typing import Any, Iterator
 import cloudpickle
 
 from sparkdl.train import context as _context
+from sparkdl.train._progress_channel import ProgressClient
+
+__all__: list[str] = []  # internal to sparkdl.train
 
 FAILURE_MARKER = "SPARKDL_RANK_FAILURE"
-_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 
 
 def free_port(host: str = "") -> int:
@@ -27,18 +32,34 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
+def failure_text(info: dict) -> str:
+    """The marker the driver parses out of Spark's (or the local queue's) error text."""
+    return f"{FAILURE_MARKER}{json.dumps(info)}{FAILURE_MARKER}"
+
+
+def _failure_info(rank: int, attempt: int, e: BaseException) -> dict:
+    return {"rank": rank, "attempt": attempt, "time": time.time(), "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc()}
+
+
 def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, master_addr: str,
-             master_port: int, attempt: int, local_mode: bool, gpu: str | None) -> Any:
+             master_port: int, attempt: int, local_mode: bool, gpu: str | None) -> bytes | None:
     """Initialize torch.distributed, run the function, always tear the group down.
 
-    Any exception leaves as a RuntimeError carrying a JSON marker with the rank, the error and
-    its traceback, which the driver turns back into ``RankFailedError``."""
+    Returns rank 0's result pickled (None on other ranks). Any exception leaves as a RuntimeError
+    carrying a JSON marker with the rank, the error, its traceback and when it happened; the
+    driver turns it back into ``RankFailedError``."""
     import torch
     import torch.distributed as dist
 
-    spec = cloudpickle.loads(payload)
-    saved_env = {k: os.environ.get(k) for k in (*_ENV_KEYS, "OMP_NUM_THREADS", *spec["env"])}
+    try:
+        spec = cloudpickle.loads(payload)
+    except Exception as e:  # e.g. the function's module is not installed on the executor
+        raise RuntimeError(failure_text(_failure_info(rank, attempt, e))) from None
+    saved_env = {k: os.environ.get(k) for k in (*_ENV_KEYS, *spec["env"])}
+    saved_threads = torch.get_num_threads()
     backend = spec["backend"]
+    reporter = ProgressClient(spec["progress"], rank) if spec.get("progress") else None
     try:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
@@ -53,18 +74,27 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
             device = torch.device("cpu")
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=spec["pg_timeout_s"]))
-        _context._set(_context.RankContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                                           attempt=attempt, local_mode=local_mode, backend=backend))
+        _context._set(_context.RankContext(
+            rank=rank, world_size=world_size, local_rank=local_rank, device=device, attempt=attempt,
+            local_mode=local_mode, backend=backend,
+            _reporter=reporter if spec.get("user_events") else None))
         result = spec["fn"](*spec["args"], **spec["kwargs"])
-        return result if rank == 0 else None
+        return cloudpickle.dumps(result) if rank == 0 else None
     except BaseException as e:
-        info = {"rank": rank, "attempt": attempt, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        raise RuntimeError(f"{FAILURE_MARKER}{json.dumps(info)}{FAILURE_MARKER}") from None
+        info = _failure_info(rank, attempt, e)
+        # Sent (and flushed, in finally) before the group is destroyed, so the driver hears of the
+        # root cause before the peers' "connection closed" errors it is about to trigger.
+        if reporter is not None:
+            reporter.send(info, internal=True)
+        raise RuntimeError(failure_text(info)) from None
     finally:
         _context._set(None)
+        if reporter is not None:
+            reporter.close()
         if dist.is_initialized():
             dist.destroy_process_group()
         # Python workers are reused: leave no rank identity behind for the next task.
+        torch.set_num_threads(saved_threads)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -78,34 +108,34 @@ def barrier_task(payload: bytes, attempt: int, _rows: Iterator[Any]) -> Iterator
 
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
-    infos = ctx.getTaskInfos()
-    hosts = [i.address.rsplit(":", 1)[0] for i in infos]
+    hosts = [i.address.rsplit(":", 1)[0] for i in ctx.getTaskInfos()]
     host = hosts[rank]
-    addr = f"{host}:{free_port()}" if rank == 0 else ""
-    master = ctx.allGather(addr)[0]
+    master = ctx.allGather(f"{host}:{free_port()}" if rank == 0 else "")[0]
     master_addr, master_port = master.rsplit(":", 1)
-    local_rank = hosts[:rank].count(host)
     gpus = ctx.resources().get("gpu")
     gpu = gpus.addresses[0] if gpus is not None and gpus.addresses else None
-    result = run_rank(payload, rank=rank, world_size=len(infos), local_rank=local_rank, master_addr=master_addr,
-                      master_port=int(master_port), attempt=attempt, local_mode=False, gpu=gpu)
+    result = run_rank(payload, rank=rank, world_size=len(hosts), local_rank=hosts[:rank].count(host),
+                      master_addr=master_addr, master_port=int(master_port), attempt=attempt, local_mode=False,
+                      gpu=gpu)
     if rank == 0:
-        yield cloudpickle.dumps(result)
+        yield result  # type: ignore[misc]
 
 
-def local_process_main(payload: bytes, rank: int, world_size: int, port: int, attempt: int, queue: Any,
+def local_process_main(payload: bytes, rank: int, world_size: int, port: int, attempt: int, results: Any,
                        log_path: str) -> None:
     """Body of one local-mode process; stdout/stderr go to ``log_path`` for the error report."""
-    import sys
-
     log = open(log_path, "w", buffering=1)
-    sys.stdout = sys.stderr = log
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
     try:
         result = run_rank(payload, rank=rank, world_size=world_size, local_rank=rank, master_addr="127.0.0.1",
                           master_port=port, attempt=attempt, local_mode=True, gpu=None)
-        queue.put((rank, "ok", cloudpickle.dumps(result)))
+        results.put((rank, "ok", result))
     except BaseException as e:
-        queue.put((rank, "error", str(e)))
+        text = str(e)
+        if FAILURE_MARKER not in text:  # failed outside run_rank's guard (e.g. unpickling the payload)
+            text = failure_text(_failure_info(rank, attempt, e))
+        results.put((rank, "error", text))
+        log.flush()
         sys.exit(1)

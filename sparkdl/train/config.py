@@ -103,6 +103,10 @@ class TrainConfig:
             raise bad("lr_schedule", f"use one of {list(SCHEDULES)}")
         if self.precision == "fp16" and not self.use_gpu:
             raise bad("precision", "fp16 autocast needs a GPU (use_gpu=True); use bf16 on CPU")
+        if self.compression == "bf16" and not self.use_gpu:
+            raise bad("compression", "bf16 gradient compression needs NCCL (use_gpu=True); use fp16 or powersgd on CPU")
+        if self.sync_batchnorm and not self.use_gpu:
+            raise bad("sync_batchnorm", "SyncBatchNorm runs on GPU modules only; set use_gpu=True or turn it off")
         for name in ("batch_size", "epochs", "num_ranks", "accumulation_steps", "checkpoint_every", "max_attempts"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")

@@ -89,11 +89,24 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
                 return _run_local(payload, config, attempt)
             return _run_barrier(spark, payload, config, attempt)
         except RankFailedError as e:
+            nonfinite = _nonfinite(e)
+            if nonfinite is not None:
+                # A NaN would only come back on a retry from the same checkpoint: stop now.
+                raise nonfinite from e
             if attempt + 1 >= config.max_attempts:
                 raise
             log.warning("attempt %d failed (%s); relaunching the stage", attempt, e.error)
             print(f"[sparkdl] attempt {attempt} failed on rank {e.rank}: {e.error}; retrying", flush=True)
     raise AssertionError("unreachable")
+
+
+def _nonfinite(e: RankFailedError) -> Exception | None:
+    from sparkdl.errors import NonFiniteLossError
+
+    m = re.search(r"NonFiniteLossError: loss became (\S+) at step (\d+).*?(?:kept at (\S+))?$", e.error, re.S)
+    if not m:
+        return None
+    return NonFiniteLossError(int(m.group(2)), float(m.group(1).rstrip(";")), m.group(3))
 
 
 def _slots(spark: "SparkSession") -> int:

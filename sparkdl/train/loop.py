@@ -182,8 +182,8 @@ def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, {"loader": train.state_dict(), "torch": torch.get_rng_state(),
                                           "numpy": np.random.get_state(), "python": random.getstate()})
-        if rank != 0:
-            return None
+        if rank != 0:  # every rank knows where rank 0 put it, for the NaN error message
+            return str(run_dir / "checkpoints" / f"step-{step:09d}.pt")
         return save_checkpoint(run_dir, step, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler else None, "loaders": [g["loader"] for g in gathered],
@@ -200,6 +200,8 @@ def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
             break
         train.set_epoch(epoch)
         micro = 0
+        # Micro-batches left over from the previous epoch must not leak into this step.
+        opt.zero_grad(set_to_none=True)
         for batch in train:
             batch = {k: v.to(device) for k, v in batch.items()}
             if ids_log:  # debug/test option: which rows each step consumed, per attempt
@@ -216,7 +218,8 @@ def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
                 flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
                 dist.all_reduce(flag)
                 if flag.item() > 0:
-                    raise NonFiniteLossError(step + 1, float(loss.detach()), last_ckpt)
+                    local = float(loss.detach())  # a rank whose own loss is finite reports its peer's NaN
+                    raise NonFiniteLossError(step + 1, local if not math.isfinite(local) else float("nan"), last_ckpt)
                 (scaler.scale(loss) if scaler else loss).backward()
             samples += len(batch[setup["label_column"]])
             if not sync:
