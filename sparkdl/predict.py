@@ -134,6 +134,13 @@ def _make_predict_fn_factory(
                 pred = pred.to(torch.int32)
             return {"prediction": pred.cpu().numpy(), "score": score.cpu().numpy().astype(np.float32)}
 
+        # predict_batch_udf counts the function's parameters to decide how many column
+        # arrays to pass: give it one named parameter per input column.
+        import inspect
+
+        predict.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(f"c{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(input_columns))]
+        )
         return predict
 
     return make_predict_fn

@@ -51,6 +51,9 @@ class ProgressServer:
         self._listener.setblocking(False)
         self.address = f"{advertise_host}:{self._listener.getsockname()[1]}"
         self.failures: list[dict] = []
+        # (attempt, rank) -> "running" | "done" | "died"; "died" = connection lost before "end".
+        self.states: dict[tuple[int, int], str] = {}
+        self.deaths: dict[tuple[int, int], float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="sparkdl-progress", daemon=True)
@@ -70,14 +73,19 @@ class ProgressServer:
         if self._thread.is_alive():
             self._thread.join(timeout=drain_timeout_s + 1.0)
 
-    def failure_reports(self) -> list[dict]:
+    def snapshot(self, attempt: int) -> tuple[list[dict], dict[int, str], dict[int, float]]:
+        """(failure reports in arrival order, rank -> state, rank -> driver time of death) of one attempt."""
         with self._lock:
-            return list(self.failures)
+            failures = [f for f in self.failures if f.get("attempt") == attempt]
+            states = {r: s for (a, r), s in self.states.items() if a == attempt}
+            deaths = {r: t for (a, r), t in self.deaths.items() if a == attempt}
+        return failures, states, deaths
 
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, None)
         buffers: dict[socket.socket, bytearray] = {}
+        owners: dict[socket.socket, tuple[int, int]] = {}
         try:
             while True:
                 if self._stop.is_set():
@@ -109,11 +117,14 @@ class ProgressServer:
                     *lines, rest = bytes(buf).split(b"\n")
                     buffers[conn] = bytearray(rest if len(rest) < _MAX_LINE else b"")
                     for line in lines:
-                        self._dispatch(line)
+                        owner = self._dispatch(line)
+                        if owner is not None:
+                            owners[conn] = owner
                     if not chunk:
                         sel.unregister(conn)
                         conn.close()
                         del buffers[conn]
+                        self._closed(owners.pop(conn, None))
         finally:
             for conn in buffers:
                 conn.close()
@@ -121,26 +132,42 @@ class ProgressServer:
                 self._listener.close()
             sel.close()
 
-    def _dispatch(self, line: bytes) -> None:
-        if not line.strip():
+    def _closed(self, owner: tuple[int, int] | None) -> None:
+        if owner is None:
             return
+        with self._lock:
+            if self.states.get(owner) == "running":
+                self.states[owner] = "died"
+                self.deaths[owner] = time.time()
+
+    def _dispatch(self, line: bytes) -> tuple[int, int] | None:
+        """Handle one line; returns (attempt, rank) when it identifies the sender."""
+        if not line.strip():
+            return None
         try:
             event = json.loads(line)
         except ValueError:
             log.warning("dropping a malformed progress line (%d bytes)", len(line))
-            return
+            return None
         if not isinstance(event, dict):
-            return
-        if INTERNAL_KEY in event:
+            return None
+        kind = event.pop(INTERNAL_KEY, None)
+        if kind is not None:
+            owner = (int(event.get("attempt", -1)), int(event.get("rank", -1)))
             with self._lock:
-                self.failures.append(event)
-            return
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(event)
-        except Exception:  # a broken callback must not stop the channel (or the run)
-            log.exception("on_progress raised on event %r; continuing", event)
+                if kind == "start":
+                    self.states[owner] = "running"
+                elif kind == "end":
+                    self.states[owner] = "done"
+                elif kind == "failure":
+                    self.failures.append(event)
+            return owner
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a broken callback must not stop the channel (or the run)
+                log.exception("on_progress raised on event %r; continuing", event)
+        return None
 
 
 class ProgressClient:
@@ -149,21 +176,25 @@ class ProgressClient:
     Best effort by design: when the queue is full or the driver is unreachable, events are
     dropped rather than slowing the training step."""
 
-    def __init__(self, address: str, rank: int, *, max_pending: int = 10_000, io_timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, rank: int, attempt: int, *, max_pending: int = 10_000,
+                 io_timeout_s: float = 5.0) -> None:
         host, port = address.rsplit(":", 1)
         self._addr = (host, int(port))
         self._rank = rank
+        self._attempt = attempt
         self._timeout = io_timeout_s
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max_pending)
         self._dropped = 0
         self._thread = threading.Thread(target=self._pump, name=f"sparkdl-progress-rank{rank}", daemon=True)
         self._thread.start()
+        # Connect at once: a connection lost before "end" tells the driver this rank died hard.
+        self.send({}, internal="start")
 
-    def send(self, event: dict, *, internal: bool = False) -> None:
+    def send(self, event: dict, *, internal: str | None = None) -> None:
         try:
             body = {**event, "rank": self._rank}
             if internal:
-                body[INTERNAL_KEY] = 1
+                body.update({INTERNAL_KEY: internal, "attempt": self._attempt})
             line = json.dumps(body, default=_jsonable).encode() + b"\n"
             self._queue.put_nowait(line)
         except Exception:  # queue.Full, unserializable event: never the caller's problem
@@ -171,6 +202,7 @@ class ProgressClient:
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Flush what is queued (up to ``timeout_s``) and close the connection."""
+        self.send({}, internal="end")
         try:
             self._queue.put(None, timeout=timeout_s)
         except queue.Full:

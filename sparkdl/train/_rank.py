@@ -59,7 +59,7 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
     saved_env = {k: os.environ.get(k) for k in (*_ENV_KEYS, *spec["env"])}
     saved_threads = torch.get_num_threads()
     backend = spec["backend"]
-    reporter = ProgressClient(spec["progress"], rank) if spec.get("progress") else None
+    reporter = ProgressClient(spec["progress"], rank, attempt) if spec.get("progress") else None
     try:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
@@ -85,7 +85,7 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
         # Sent (and flushed, in finally) before the group is destroyed, so the driver hears of the
         # root cause before the peers' "connection closed" errors it is about to trigger.
         if reporter is not None:
-            reporter.send(info, internal=True)
+            reporter.send(info, internal="failure")
         raise RuntimeError(failure_text(info)) from None
     finally:
         _context._set(None)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import queue
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import cloudpickle
 
 from sparkdl.errors import ClusterCapacityError, RankFailedError
+from sparkdl.train._progress_channel import ProgressServer
 from sparkdl.train._rank import FAILURE_MARKER, barrier_task, free_port, local_process_main
 
 if TYPE_CHECKING:
@@ -30,6 +33,11 @@ __all__ = ["LaunchConfig", "run_distributed"]
 T = TypeVar("T")
 log = logging.getLogger("sparkdl.train")
 _FAILURE_RE = re.compile(re.escape(FAILURE_MARKER) + r"(\{.*?\})" + re.escape(FAILURE_MARKER), re.S)
+# Errors a rank gets because a *peer* went away; never preferred as the root cause.
+_COMM_ERROR_RE = re.compile(r"Dist\w*Error|gloo|NCCL|Connection (closed|reset) by peer|Broken pipe|ProcessGroup")
+_CRASH_RE = re.compile(r"Python worker exited unexpectedly|worker.*crashed|Python worker.*killed", re.I)
+# How long, after a first failure, to wait for the other ranks' reports before diagnosing.
+_SETTLE_S = 5.0
 
 
 @dataclass(kw_only=True)
@@ -51,9 +59,9 @@ class LaunchConfig:
     pg_timeout_s: float = 600.0
     """Timeout of torch.distributed collectives: a rank stuck this long fails the run instead of hanging."""
     torch_threads: int | None = 1
-    """torch.set_num_threads in each rank (None leaves torch's default)."""
+    """torch.set_num_threads (and OMP_NUM_THREADS) in each rank; None leaves torch's default."""
     env: dict[str, str] = field(default_factory=dict)
-    """Extra environment variables for each rank."""
+    """Extra environment variables for each rank (restored afterwards in reused Python workers)."""
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -64,6 +72,12 @@ class LaunchConfig:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {self.backend!r}")
         if self.backend == "nccl" and not self.use_gpu:
             raise ValueError("backend='nccl' needs use_gpu=True (NCCL runs on GPUs only)")
+        if self.start_timeout_s < 0 or self.pg_timeout_s <= 0:
+            raise ValueError("start_timeout_s must be >= 0 and pg_timeout_s > 0 (seconds)")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be None or at least 1, got {self.torch_threads}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            raise ValueError("env must map str to str (environment variables are strings)")
 
     @property
     def resolved_backend(self) -> str:
@@ -71,42 +85,53 @@ class LaunchConfig:
 
 
 def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | None" = None, config: LaunchConfig,
-                    **kwargs: Any) -> T:
+                    on_progress: Callable[[dict], None] | None = None, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` on ``config.num_ranks`` ranks with torch.distributed up;
-    return rank 0's result. Raises ``RankFailedError`` when a rank fails on the last attempt and
-    ``ClusterCapacityError`` at once when the cluster cannot host the ranks."""
+    return rank 0's result (other ranks' return values are dropped).
+
+    Barrier mode runs one barrier Spark stage, one task per rank, inside the tasks' Python
+    workers; ``config.local_mode`` runs the ranks as spawned processes on this machine.
+    ``on_progress`` receives every ``rank_context().report(event)`` with ``"rank"`` added; it is
+    called on a background thread, over a plain-TCP channel to the driver (see
+    ``sparkdl.train._progress_channel``) that closes when this function returns.
+
+    Raises ``RankFailedError`` (rank, error, traceback, attempt) when a rank fails on the last
+    attempt; earlier failures relaunch all ranks (``rank_context().attempt`` counts them).
+    Raises ``ClusterCapacityError`` at once when the cluster cannot host the ranks."""
     if not config.local_mode and spark is None:
         raise ValueError("run_distributed needs spark= for barrier mode, or config.local_mode=True")
-    payload = cloudpickle.dumps({
-        "fn": fn, "args": args, "kwargs": kwargs, "backend": config.resolved_backend, "env": dict(config.env),
-        "torch_threads": config.torch_threads, "pg_timeout_s": config.pg_timeout_s,
-    })
     if not config.local_mode:
         _check_capacity(spark, config)
-    for attempt in range(config.max_attempts):
+    bind, advertise = _driver_address(spark, config)
+    with ProgressServer(on_progress, bind_host=bind, advertise_host=advertise) as server:
         try:
-            if config.local_mode:
-                return _run_local(payload, config, attempt)
-            return _run_barrier(spark, payload, config, attempt)
-        except RankFailedError as e:
-            nonfinite = _nonfinite(e)
-            if nonfinite is not None:
-                # A NaN would only come back on a retry from the same checkpoint: stop now.
-                raise nonfinite from e
-            if attempt + 1 >= config.max_attempts:
-                raise
-            log.warning("attempt %d failed (%s); relaunching the stage", attempt, e.error)
-            print(f"[sparkdl] attempt {attempt} failed on rank {e.rank}: {e.error}; retrying", flush=True)
-    raise AssertionError("unreachable")
+            payload = cloudpickle.dumps({
+                "fn": fn, "args": args, "kwargs": kwargs, "backend": config.resolved_backend,
+                "env": dict(config.env), "torch_threads": config.torch_threads, "pg_timeout_s": config.pg_timeout_s,
+                "progress": server.address, "user_events": on_progress is not None,
+            })
+        except Exception as e:
+            raise ValueError(f"run_distributed could not pickle fn {fn!r} or its arguments: {e}") from e
+        for attempt in range(config.max_attempts):
+            try:
+                if config.local_mode:
+                    return _run_local(payload, config, attempt, server)
+                return _run_barrier(spark, payload, config, attempt, server)
+            except RankFailedError as e:
+                if attempt + 1 >= config.max_attempts:
+                    raise
+                log.warning("attempt %d of %d failed on rank %d (%s); relaunching all %d ranks",
+                            attempt + 1, config.max_attempts, e.rank, e.error, config.num_ranks)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _nonfinite(e: RankFailedError) -> Exception | None:
-    from sparkdl.errors import NonFiniteLossError
-
-    m = re.search(r"NonFiniteLossError: loss became (\S+) at step (\d+).*?(?:kept at (\S+))?$", e.error, re.S)
-    if not m:
-        return None
-    return NonFiniteLossError(int(m.group(2)), float(m.group(1).rstrip(";")), m.group(3))
+def _driver_address(spark: "SparkSession | None", config: LaunchConfig) -> tuple[str, str]:
+    """(address to bind, address ranks connect to) for the progress channel."""
+    if config.local_mode or spark is None:
+        return "127.0.0.1", "127.0.0.1"
+    conf = spark.sparkContext.getConf()
+    host = conf.get("spark.driver.host") or "127.0.0.1"
+    return conf.get("spark.driver.bindAddress") or host, host
 
 
 def _slots(spark: "SparkSession") -> int:
@@ -115,81 +140,154 @@ def _slots(spark: "SparkSession") -> int:
 
 
 def _check_capacity(spark: "SparkSession", config: LaunchConfig) -> None:
+    sc = spark.sparkContext
+    if config.use_gpu and not sc.getConf().get("spark.task.resource.gpu.amount"):
+        raise ClusterCapacityError(
+            "use_gpu=True but spark.task.resource.gpu.amount is not set, so barrier tasks get no GPU; "
+            "start Spark with the gpu profile (spark-conf/gpu.conf) or set spark.task.resource.gpu.amount=1 "
+            "and spark.executor.resource.gpu.amount"
+        )
     deadline = time.monotonic() + config.start_timeout_s
     slots = _slots(spark)
-    # Executors of local-cluster and real clusters register after the session starts.
-    while slots < config.num_ranks and time.monotonic() < deadline and not spark.sparkContext.master.startswith("local["):
-        time.sleep(1.0)
+    # Executors of local-cluster and real clusters register after the session starts; local[N] never grows.
+    while slots < config.num_ranks and time.monotonic() < deadline and not sc.master.startswith("local["):
+        time.sleep(0.5)
         slots = _slots(spark)
     if slots < config.num_ranks:
+        gpu = " (and spark.executor.resource.gpu.amount / spark.task.resource.gpu.amount)" if config.use_gpu else ""
         raise ClusterCapacityError(
-            f"{config.num_ranks} ranks requested but the cluster ({spark.sparkContext.master}) can run only {slots} "
-            "barrier tasks at once; lower --num-ranks, or add slots: spark.executor.instances x "
-            "spark.executor.cores / spark.task.cpus (local[N] for local masters)"
-        )
-    if config.use_gpu and not spark.sparkContext.getConf().get("spark.task.resource.gpu.amount"):
-        raise ClusterCapacityError(
-            "use_gpu=True but spark.task.resource.gpu.amount is not set; use the gpu profile (spark-conf/gpu.conf)"
+            f"{config.num_ranks} ranks requested but the cluster ({sc.master}) can run only {slots} barrier tasks "
+            f"at once (after waiting {config.start_timeout_s:g}s for executors); lower --num-ranks to {slots} or "
+            f"less, or add task slots: spark.executor.instances x spark.executor.cores / spark.task.cpus{gpu}, "
+            "or local[N] with N >= ranks for a local master"
         )
 
 
-def _parse_failure(text: str, attempt: int) -> RankFailedError:
+def _is_comm_error(failure: dict) -> bool:
+    return bool(_COMM_ERROR_RE.search(failure.get("error", "")))
+
+
+def _diagnose(attempt: int, server: ProgressServer, text: str = "", reported: list[dict] | None = None,
+              deaths: dict[int, str] | None = None) -> RankFailedError:
+    """Pick the root cause among what the ranks reported and what is known about ranks that died.
+
+    When one rank fails, its peers fail too ("connection closed by peer"), so the order of
+    preference is: a rank's own error (earliest first), then a rank that died without a word,
+    then the peers' communication errors."""
+    failures, _states, channel_deaths = server.snapshot(attempt)
+    failures = list(failures) + list(reported or [])
     m = _FAILURE_RE.search(text)
     if m:
-        info = json.loads(m.group(1))
-        return RankFailedError(info["rank"], info["error"], info["traceback"], attempt)
+        failures.append(json.loads(m.group(1)))
+    deaths = dict(deaths or {})
+    for rank, when in sorted(channel_deaths.items(), key=lambda kv: kv[1]):
+        deaths.setdefault(rank, "Python worker exited (crashed or was killed) without reporting an error")
+    if not m and _CRASH_RE.search(text):
+        crashed = re.search(r"ResultTask\(\d+, (\d+)\)|Lost task (\d+)\.\d+", text)
+        rank = int(next(g for g in crashed.groups() if g is not None)) if crashed else -1
+        deaths.setdefault(rank, "Python worker exited (crashed or was killed) without reporting an error")
+    own = sorted((f for f in failures if not _is_comm_error(f)), key=lambda f: f.get("time", 0.0))
+    if own:
+        f = own[0]
+        return RankFailedError(int(f["rank"]), f["error"], f["traceback"], attempt)
     tail = "\n".join(text.strip().splitlines()[-40:])
-    rank = re.search(r"partition (\d+)", text)
-    return RankFailedError(int(rank.group(1)) if rank else -1,
-                           "Python worker exited or was killed without reporting an error", tail, attempt)
+    peers = "".join(f"\nrank {f['rank']} then failed with: {f['error']}" for f in failures)
+    if deaths:
+        rank = min(deaths, key=lambda r: (r < 0, r))
+        detail = deaths[rank]
+        return RankFailedError(rank, detail, (detail + peers + ("\n" + tail if tail else "")).strip(), attempt)
+    if failures:
+        f = sorted(failures, key=lambda f: f.get("time", 0.0))[0]
+        return RankFailedError(int(f["rank"]), f["error"], f["traceback"], attempt)
+    return RankFailedError(-1, "the launch failed before any rank reported", tail, attempt)
 
 
-def _run_barrier(spark: "SparkSession", payload: bytes, config: LaunchConfig, attempt: int) -> Any:
+def _settle(server: ProgressServer, attempt: int, num_ranks: int, timeout_s: float = _SETTLE_S) -> None:
+    """Give the other ranks a moment to report: every rank done, failed or gone, or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _failures, states, _deaths = server.snapshot(attempt)
+        if states and len(states) >= num_ranks and "running" not in states.values():
+            return
+        time.sleep(0.05)
+
+
+def _run_barrier(spark: "SparkSession", payload: bytes, config: LaunchConfig, attempt: int,
+                 server: ProgressServer) -> Any:
     sc = spark.sparkContext
     sc.setJobDescription(f"sparkdl: {config.num_ranks} ranks, attempt {attempt}")
     rdd = sc.parallelize(range(config.num_ranks), config.num_ranks).barrier()
     try:
         out = rdd.mapPartitions(partial(barrier_task, payload, attempt)).collect()
-    except Exception as e:
-        raise _parse_failure(str(e), attempt) from e
+    except Exception as e:  # Py4JJavaError / PythonException: the text carries the rank's marker
+        # Spark kills the barrier siblings (spark.python.task.killTimeout later, their workers).
+        _settle(server, attempt, config.num_ranks)
+        raise _diagnose(attempt, server, text=str(e)) from e
+    finally:
+        sc.setJobDescription(None)
+    if not out:
+        raise RankFailedError(0, "rank 0 returned no result to the driver", "", attempt)
     return cloudpickle.loads(out[0])
 
 
-def _run_local(payload: bytes, config: LaunchConfig, attempt: int) -> Any:
+def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: ProgressServer) -> Any:
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
+    results = ctx.Queue()
     port = free_port("127.0.0.1")
     logdir = Path(tempfile.mkdtemp(prefix="sparkdl-ranks-"))
     procs = []
     for rank in range(config.num_ranks):
-        p = ctx.Process(target=local_process_main, daemon=True,
-                        args=(payload, rank, config.num_ranks, port, attempt, queue, str(logdir / f"rank{rank}.log")))
+        p = ctx.Process(target=local_process_main, daemon=True, name=f"sparkdl-rank{rank}",
+                        args=(payload, rank, config.num_ranks, port, attempt, results, str(logdir / f"rank{rank}.log")))
         p.start()
         procs.append(p)
-    results: dict[int, tuple[str, Any]] = {}
+    ok: dict[int, bytes | None] = {}
+    errors: dict[int, dict] = {}
+    failed_at: float | None = None
     try:
-        while len(results) < config.num_ranks:
-            try:
-                rank, status, data = queue.get(timeout=1.0)
-                results[rank] = (status, data)
-                if status == "error":
-                    raise _parse_failure(data, attempt)
-            except RankFailedError:
-                raise
-            except Exception:  # queue timeout: look for ranks that died without a word
-                for rank, p in enumerate(procs):
-                    if rank not in results and p.exitcode not in (None, 0):
-                        tail = _tail(logdir / f"rank{rank}.log")
-                        raise RankFailedError(rank, f"local rank process exited with code {p.exitcode}",
-                                              f"command: python (spawn) rank {rank}/{config.num_ranks}\n{tail}",
-                                              attempt) from None
+        while len(ok) < config.num_ranks:
+            _collect(results, ok, errors, timeout_s=0.2)
+            dead = _dead_without_word(procs, ok, errors)
+            if (errors or dead) and failed_at is None:
+                failed_at = time.monotonic()
+            # After a first failure, give the peers a moment to report (or die) before diagnosing.
+            settled = all(r in ok or r in errors or procs[r].exitcode is not None for r in range(config.num_ranks))
+            if failed_at is not None and (settled or time.monotonic() - failed_at > _SETTLE_S):
+                while _collect(results, ok, errors, timeout_s=0.2):  # a report may trail its exit code
+                    pass
+                deaths = {r: f"local rank process exited with code {procs[r].exitcode}\n"
+                             f"command: {procs[r].name} (multiprocessing spawn, rank {r} of {config.num_ranks})\n"
+                             f"--- last lines of {logdir / f'rank{r}.log'} ---\n{_tail(logdir / f'rank{r}.log')}"
+                          for r in _dead_without_word(procs, ok, errors)}
+                raise _diagnose(attempt, server, reported=list(errors.values()), deaths=deaths)
     finally:
         for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
+            p.join(timeout=5 if failed_at is None else 0.5)
+            if p.is_alive():  # blocked in a collective whose peer failed
                 p.kill()
                 p.join()
-    return cloudpickle.loads(results[0][1])
+        results.close()
+        if failed_at is None:
+            shutil.rmtree(logdir, ignore_errors=True)
+    return cloudpickle.loads(ok[0])
+
+
+def _dead_without_word(procs: list, ok: dict, errors: dict) -> list[int]:
+    return [r for r, p in enumerate(procs) if r not in ok and r not in errors and p.exitcode not in (None, 0)]
+
+
+def _collect(results: Any, ok: dict, errors: dict, timeout_s: float) -> bool:
+    """Take one message off the local ranks' queue; False when none came within the timeout."""
+    try:
+        rank, status, data = results.get(timeout=timeout_s)
+    except queue.Empty:
+        return False
+    if status == "ok":
+        ok[rank] = data
+    else:
+        m = _FAILURE_RE.search(data)
+        errors[rank] = json.loads(m.group(1)) if m else {"rank": rank, "error": data, "traceback": ""}
+    return True
 
 
 def _tail(path: Path, lines: int = 40) -> str:
