@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from pyspark import cloudpickle
 import pytest
 
 from sparkdl.errors import ClusterCapacityError, RankFailedError
@@ -17,6 +18,8 @@ from sparkdl.train import LaunchConfig, RankContext, rank_context, run_distribut
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
+# Spark's Python workers cannot import this test module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TWO = LaunchConfig(num_ranks=2, pg_timeout_s=60)
 TWO_LOCAL = LaunchConfig(num_ranks=2, local_mode=True, pg_timeout_s=60)

@@ -15,7 +15,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Iterator
 
-import cloudpickle
+from pyspark import cloudpickle
 
 from sparkdl.train import context as _context
 from sparkdl.train._progress_channel import ProgressClient

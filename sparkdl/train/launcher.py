@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-import cloudpickle
+from pyspark import cloudpickle
 
 from sparkdl.errors import ClusterCapacityError, RankFailedError
 from sparkdl.train._progress_channel import ProgressServer
