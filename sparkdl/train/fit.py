@@ -151,6 +151,11 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
     finally:
         stop.set()
         follower.join(timeout=5)
+    if "nonfinite" in out:
+        from sparkdl.errors import NonFiniteLossError
+
+        bad = out["nonfinite"]
+        raise NonFiniteLossError(bad["step"], bad["loss"], bad["checkpoint"])
     curves = _curves(run_dir, out["history"])
     version = None
     if config.model_name:

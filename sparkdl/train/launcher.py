@@ -186,11 +186,15 @@ def _diagnose(attempt: int, server: ProgressServer, text: str = "", reported: li
         crashed = re.search(r"ResultTask\(\d+, (\d+)\)|Lost task (\d+)\.\d+", text)
         rank = int(next(g for g in crashed.groups() if g is not None)) if crashed else -1
         deaths.setdefault(rank, "Python worker exited (crashed or was killed) without reporting an error")
+    unique: dict[tuple[Any, str], dict] = {}
+    for f in failures:  # the same report can arrive over the channel and in Spark's error text
+        unique.setdefault((f.get("rank"), f.get("error", "")), f)
+    failures = list(unique.values())
     own = sorted((f for f in failures if not _is_comm_error(f)), key=lambda f: f.get("time", 0.0))
     if own:
         f = own[0]
         return RankFailedError(int(f["rank"]), f["error"], f["traceback"], attempt)
-    tail = "\n".join(text.strip().splitlines()[-40:])
+    tail = "" if m else _spark_summary(text)  # with a marker, the text only repeats a peer's report
     peers = "".join(f"\nrank {f['rank']} then failed with: {f['error']}" for f in failures)
     if deaths:
         rank = min(deaths, key=lambda r: (r < 0, r))
@@ -200,6 +204,13 @@ def _diagnose(attempt: int, server: ProgressServer, text: str = "", reported: li
         f = sorted(failures, key=lambda f: f.get("time", 0.0))[0]
         return RankFailedError(int(f["rank"]), f["error"], f["traceback"], attempt)
     return RankFailedError(-1, "the launch failed before any rank reported", tail, attempt)
+
+
+def _spark_summary(text: str, lines: int = 40) -> str:
+    """The readable part of a Spark job failure: messages and Python frames, no JVM stack frames."""
+    keep = [ln for ln in text.strip().splitlines()
+            if ln.strip() and not re.match(r"\s+at |\s*\.\.\. \d+ more", ln)]
+    return "\n".join(keep[-lines:])
 
 
 def _settle(server: ProgressServer, attempt: int, num_ranks: int, timeout_s: float = _SETTLE_S) -> None:
@@ -257,7 +268,7 @@ def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: Progr
                     pass
                 deaths = {r: f"local rank process exited with code {procs[r].exitcode}\n"
                              f"command: {procs[r].name} (multiprocessing spawn, rank {r} of {config.num_ranks})\n"
-                             f"--- last lines of {logdir / f'rank{r}.log'} ---\n{_tail(logdir / f'rank{r}.log')}"
+                             f"--- last lines of {logdir / f'rank{r}.log'} ---\n{_tail(logdir / f'rank{r}.log') or '(no output)'}"
                           for r in _dead_without_word(procs, ok, errors)}
                 raise _diagnose(attempt, server, reported=list(errors.values()), deaths=deaths)
     finally:

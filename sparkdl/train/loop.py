@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparkdl.errors import NonFiniteLossError
 from sparkdl.train.checkpoint import latest_checkpoint, save_checkpoint
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.context import rank_context
@@ -218,8 +217,16 @@ def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
                 flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
                 dist.all_reduce(flag)
                 if flag.item() > 0:
-                    local = float(loss.detach())  # a rank whose own loss is finite reports its peer's NaN
-                    raise NonFiniteLossError(step + 1, local if not math.isfinite(local) else float("nan"), last_ckpt)
+                    # Every rank sees the all-reduced flag and returns normally, so the launcher
+                    # does not relaunch a run that would only diverge again; fit() raises.
+                    local = float(loss.detach())
+                    train.close()
+                    if valid is not None:
+                        valid.close()
+                    if metrics_log:
+                        metrics_log.close()
+                    return {"nonfinite": {"step": step + 1, "checkpoint": last_ckpt,
+                                          "loss": local if not math.isfinite(local) else float("nan")}}
                 (scaler.scale(loss) if scaler else loss).backward()
             samples += len(batch[setup["label_column"]])
             if not sync:
