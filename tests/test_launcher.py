@@ -260,4 +260,4 @@ def test_two_executor_cluster_via_spark_submit(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Two executors with one core each: the ranks are on separate executors of one host.
-    assert "RESULT (3.0, 2, " in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "RESULT (3.0, 2, 0)" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

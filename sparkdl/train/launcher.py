@@ -90,7 +90,11 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     return rank 0's result (other ranks' return values are dropped).
 
     Barrier mode runs one barrier Spark stage, one task per rank, inside the tasks' Python
-    workers; ``config.local_mode`` runs the ranks as spawned processes on this machine.
+    workers; ``config.local_mode`` runs the ranks as spawned processes on this machine (from a
+    script, call it under ``if __name__ == "__main__":``, as ``spawn`` re-imports the main module).
+    ``fn`` and its arguments are pickled with cloudpickle: functions of modules the executors
+    cannot import must be shipped (``--py-files``) or registered with
+    ``cloudpickle.register_pickle_by_value``; notebook functions travel by value already.
     ``on_progress`` receives every ``rank_context().report(event)`` with ``"rank"`` added; it is
     called on a background thread, over a plain-TCP channel to the driver (see
     ``sparkdl.train._progress_channel``) that closes when this function returns.
@@ -268,7 +272,7 @@ def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: Progr
                     pass
                 deaths = {r: f"local rank process exited with code {procs[r].exitcode}\n"
                              f"command: {procs[r].name} (multiprocessing spawn, rank {r} of {config.num_ranks})\n"
-                             f"--- last lines of {logdir / f'rank{r}.log'} ---\n{_tail(logdir / f'rank{r}.log') or '(no output)'}"
+                             f"--- last lines of its output ---\n{_tail(logdir / f'rank{r}.log') or '(no output)'}"
                           for r in _dead_without_word(procs, ok, errors)}
                 raise _diagnose(attempt, server, reported=list(errors.values()), deaths=deaths)
     finally:
@@ -278,8 +282,7 @@ def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: Progr
                 p.kill()
                 p.join()
         results.close()
-        if failed_at is None:
-            shutil.rmtree(logdir, ignore_errors=True)
+        shutil.rmtree(logdir, ignore_errors=True)  # the error already carries each dead rank's output tail
     return cloudpickle.loads(ok[0])
 
 
