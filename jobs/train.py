@@ -16,7 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     from sparkdl.train.config import COMPRESSION, OPTIMIZERS, PRECISION, SCHEDULES, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="local", help="Spark profile from spark-conf/ (default: local)")
+    p.add_argument("--profile", default=None,
+                   help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
     choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES}
     docs = {f.name: (f.metadata.get("doc") or "") for f in dataclasses.fields(TrainConfig)}
     import inspect

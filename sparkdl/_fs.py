@@ -1,0 +1,132 @@
+"""Files of the lakehouse that are not Delta tables: runs, checkpoints, models, markers.
+
+Delta tables go through Spark's Hadoop filesystems and deltalake; everything else sparkdl
+writes goes through ``pyarrow.fs``, so the same code serves a local folder, ``file://``,
+``s3://``/``s3a://``, ``gs://``, ``abfs://`` and ``hdfs://`` (the last needs libhdfs on the
+machine, see docs/cluster.md). Paths are URIs or local paths, as given to ``Lakehouse``.
+
+Atomicity: ``write_bytes`` writes a hidden temporary object and moves it into place. On a
+local or HDFS filesystem the move is a rename; on object stores a single PUT is already
+all-or-nothing, and the move is a server-side copy, so a reader never sees a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+__all__: list[str] = []  # internal
+
+_HADOOP_S3 = ("s3a://", "s3n://")
+
+
+def is_local(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file")
+
+
+@lru_cache(maxsize=32)
+def _fs_for(scheme_and_host: str) -> pafs.FileSystem:
+    fs, _ = pafs.FileSystem.from_uri(scheme_and_host)
+    return fs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    uri = os.fspath(uri)
+    if is_local(uri):
+        path = urlparse(uri).path if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    for prefix in _HADOOP_S3:  # Hadoop's S3 scheme names; pyarrow calls it s3
+        if uri.startswith(prefix):
+            uri = "s3://" + uri[len(prefix):]
+    parsed = urlparse(uri)
+    try:
+        fs = _fs_for(f"{parsed.scheme}://{parsed.netloc}")
+    except Exception as e:
+        raise RuntimeError(
+            f"cannot open the filesystem of {uri} through pyarrow.fs ({type(e).__name__}: {e}); "
+            "see docs/cluster.md for what each scheme needs (credentials, libhdfs)"
+        ) from e
+    path = f"{parsed.netloc}{parsed.path}" if parsed.scheme in ("s3", "gs", "gcs") else parsed.path
+    return fs, path.rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([os.fspath(base).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) directly under ``uri``; empty when it does not exist."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` at ``uri`` so that readers see the old content or the new, never a part."""
+    fs, path = resolve(uri)
+    parent, _, name = path.rpartition("/")
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        if isinstance(fs, pafs.LocalFileSystem):
+            with open(tmp, "rb+") as f:  # durable before it becomes visible
+                os.fsync(f.fileno())
+        fs.move(tmp, path)
+    finally:
+        try:
+            if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                fs.delete_file(tmp)
+        except OSError:
+            pass
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a folder tree; nothing when it does not exist."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def local_path(uri: str) -> str | None:
+    """The local filesystem path of ``uri``, or None when it is not local."""
+    return resolve(uri)[1] if is_local(uri) else None
