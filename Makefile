@@ -11,11 +11,14 @@ check-java:
 	@command -v java >/dev/null 2>&1 || { echo "error: Java 17 is required by Spark 4 and was not found on PATH; install it (e.g. 'apt-get install openjdk-17-jre-headless') or set JAVA_HOME." >&2; exit 1; }
 	@java -version 2>&1 | head -1 | grep -Eq '"(17|21)[."]' || { echo "error: Spark 4 needs Java 17 (or 21); found: $$(java -version 2>&1 | head -1). Install openjdk-17 and put it first on PATH or set JAVA_HOME." >&2; exit 1; }
 
-# The venv is rebuilt only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The venv is rebuilt only when the packaging changes. A .venv made by another Python is
+# replaced (pip would refuse the install later with a requires-python error). pip is not
+# upgraded: the one venv ships is new enough, and the rebuild needs no extra index access.
+$(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'." >&2; exit 1; }
+	@if [ -e $(VENV) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; then \
+		echo "$(VENV) was not made by Python 3.11: recreating it with $(PYTHON)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch is installed first and pinned, so pip takes the CPU wheel on disk instead of a CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: check-java $(STAMP)
-	$(PY) jobs/pipeline.py --lakehouse $(LAKEHOUSE)
+	$(PY) jobs/pipeline.py --lakehouse $(LAKEHOUSE) --tracking
 
 test: check-java $(STAMP)
 	$(PY) -m pytest -q

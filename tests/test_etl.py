@@ -4,6 +4,7 @@ injected bad rows) and scikit-learn digits; the preprocessing spec it saves."""
 from __future__ import annotations
 
 import csv
+import re
 import io
 import json
 import shutil
@@ -24,7 +25,7 @@ from sparkdl.etl import (
     run_flights_etl,
 )
 from sparkdl.lakehouse import Lakehouse, snapshot
-from sparkdl.preprocess import PreprocessingSpec, fit_statistics, fit_vocabularies, load_spec_for_table
+from sparkdl.preprocess import PreprocessingSpec, fit_statistics, fit_vocabularies, load_spec_for_table, spec_sha256
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,7 @@ INJECTED = {
     12: ("month", "13", "invalid_date"),
     13: ("distance", "NA", "missing:distance"),
     14: ("flight", "12x", "unparseable:flight"),
+    15: ("distance", "Infinity", "unparseable:distance"),  # parses as a double, but is no distance
 }
 
 
@@ -230,7 +232,8 @@ def test_spec_is_versioned_with_the_tables(spark, small_etl, small_raw):
 
     root, res = small_etl
     lh = Lakehouse(str(root))
-    assert res.spec_path == f"{lh.spec_dir('flights')}/v{res.table_versions['flights_train']}.json"
+    # Named by its content: a later run never replaces the file a committed version names.
+    assert res.spec_path == f"{lh.spec_dir('flights')}/{res.spec_sha256[:16]}.json"
     for table in ("flights_train", "flights_valid", "flights_clean"):
         commit = DeltaTable(lh.table(table)).history(1)[0]
         assert commit["sparkdl.spec_path"] == res.spec_path
@@ -260,6 +263,7 @@ def test_rerun_overwrite_makes_new_versions_and_keeps_old_ones(spark, small_raw,
     for t in ("flights_train", "flights_valid", "flights_rejects"):
         assert snapshot(lh.table(t), first.table_versions[t]).num_rows == snapshot(lh.table(t)).num_rows
     assert second.spec_path != first.spec_path
+    assert spec_sha256(Path(first.spec_path).read_text()) == first.spec_sha256  # untouched by the re-run
     old = load_spec_for_table(lh.table("flights_train"), first.table_versions["flights_train"])
     new = load_spec_for_table(lh.table("flights_train"))
     assert old.categorical["dest"]["min_count"] == 5 and new.categorical["dest"]["min_count"] == 50
@@ -285,6 +289,8 @@ def test_schema_mismatch_fails_before_commit(spark, small_raw, tmp_path, monkeyp
 
 def test_missing_raw_columns_are_named(spark, tmp_path):
     (tmp_path / "flights.csv").write_text("year,month\n2013,1\n")
+    for name in ("weather.csv", "planes.csv", "airports.csv"):
+        (tmp_path / name).write_text("x\n1\n")
     with pytest.raises(MissingColumnsError, match=r"needs columns \['day', .*'sched_dep_time'"):
         run_flights_etl(spark=spark, lakehouse=str(tmp_path / "lh"), config=FlightsETLConfig(raw_dir=str(tmp_path)))
 
@@ -401,3 +407,128 @@ def test_etl_job_cli(spark, tmp_path, capsys):
     assert "digits: rows in 1797, out 1797" in out and "digits_train v0" in out
     assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "digits", "--mode", "error"]) == 1
     assert "already exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Checks before the first commit, bad input, the spec file
+# ---------------------------------------------------------------------------------------
+def _altered_schemas(tmp_path, monkeypatch, name: str, old: str, new: str) -> None:
+    from sparkdl.schema import schemas_dir
+
+    altered = tmp_path / "schemas"
+    shutil.copytree(schemas_dir(), altered)
+    text = (altered / f"{name}.yaml").read_text()
+    assert old in text
+    (altered / f"{name}.yaml").write_text(text.replace(old, new))
+    monkeypatch.setenv("SPARKDL_SCHEMAS_DIR", str(altered))
+
+
+def _no_tables(lh: Lakehouse) -> bool:
+    tables = Path(lh.root, "tables")
+    return not tables.exists() or not any(tables.iterdir())
+
+
+@pytest.mark.parametrize("old, new, message", [
+    # A type the code does not produce is reported, not cast away.
+    ("  - name: seats\n    type: int32\n", "  - name: seats\n    type: string\n",
+     "column 'seats': expected string, found int32"),
+    # A produced column the schema does not declare is reported, not dropped.
+    ("  - name: seats\n    type: int32\n", "", "unexpected column 'seats' (int32)"),
+], ids=["type-drift", "undeclared-column"])
+def test_clean_table_drift_fails_before_any_commit(spark, small_raw, tmp_path, monkeypatch, old, new, message):
+    _altered_schemas(tmp_path, monkeypatch, "flights_clean", old, new)
+    lh = Lakehouse(str(tmp_path / "lh"))
+    with pytest.raises(SchemaMismatchError, match=re.escape(message)):
+        run_flights_etl(spark=spark, lakehouse=lh.root, config=FlightsETLConfig(raw_dir=str(small_raw["dir"])))
+    assert _no_tables(lh)
+
+
+def test_conform_allows_only_lossless_widening(spark):
+    from sparkdl.etl.flights import _conform
+    from sparkdl.schema import ColumnSpec, DatasetSchema
+
+    df = spark.createDataFrame([(1, 2.5, "a")], "n int, x float, s string")
+    wide = DatasetSchema(name="w", columns=(
+        ColumnSpec(name="n", type="int64"), ColumnSpec(name="x", type="float64"), ColumnSpec(name="s", type="string")))
+    assert [f.dataType.simpleString() for f in _conform(df, wide).schema.fields] == ["bigint", "double", "string"]
+    narrow = DatasetSchema(name="n", columns=(
+        ColumnSpec(name="n", type="int8"), ColumnSpec(name="x", type="int32"), ColumnSpec(name="s", type="string")))
+    with pytest.raises(SchemaMismatchError, match="column 'n': expected int8, found int32; column 'x': expected int32, found float32"):
+        _conform(df, narrow)
+
+
+def test_null_in_a_non_nullable_column_fails_before_any_commit(spark, small_raw, tmp_path, monkeypatch):
+    # manufacturer is null for planes missing from planes.csv; declared non-nullable, that is
+    # found in the checks before the first commit, so not even flights_rejects is written.
+    _altered_schemas(tmp_path, monkeypatch, "flights_clean", "    nullable: true\n    description: \"Plane manufacturer.\"",
+                     "    nullable: false\n    description: \"Plane manufacturer.\"")
+    lh = Lakehouse(str(tmp_path / "lh"))
+    with pytest.raises(SchemaMismatchError, match=r"column 'manufacturer' is declared non-nullable but has \d+ nulls"):
+        run_flights_etl(spark=spark, lakehouse=lh.root, config=FlightsETLConfig(raw_dir=str(small_raw["dir"])))
+    assert _no_tables(lh)
+
+
+def test_raw_dir_without_the_files_is_named_before_spark(tmp_path):
+    (tmp_path / "flights.csv").write_text("year\n")
+    with pytest.raises(ValueError, match=r"raw_dir .* lacks \['weather.csv', 'planes.csv', 'airports.csv'\].*--raw-dir"):
+        FlightsETLConfig(raw_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"label_threshold must be a finite number"):
+        FlightsETLConfig(label_threshold=float("nan"))
+
+
+def test_etl_job_cli_bad_raw_dir_is_one_line(spark, tmp_path, capsys):
+    import runpy
+
+    job = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "etl.py"))
+    assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "flights", "--raw-dir", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lacks ['flights.csv'" in err and "--raw-dir" in err
+
+
+def test_spec_files_are_content_addressed_and_never_replaced(tmp_path):
+    from sparkdl.etl.flights import _save_spec
+
+    lh = Lakehouse(str(tmp_path))
+    spec = _toy_spec()
+    path, sha = _save_spec(spec, lh)
+    assert Path(path).name == f"{sha[:16]}.json" and spec_sha256(Path(path).read_text()) == sha
+    before = Path(path).stat().st_mtime_ns
+    assert _save_spec(spec, lh) == (path, sha) and Path(path).stat().st_mtime_ns == before  # not rewritten
+    other = PreprocessingSpec(**{**json.loads(spec.to_json()), "id_column": "other"})
+    other_path, other_sha = _save_spec(other, lh)
+    assert other_path != path and spec_sha256(Path(path).read_text()) == sha
+    Path(path).write_text(Path(path).read_text() + " ")
+    with pytest.raises(RuntimeError, match="edited by hand"):
+        _save_spec(spec, lh)
+
+
+@pytest.mark.slow
+def test_etl_job_under_spark_submit_uses_its_master_and_prints_the_counts(tmp_path):
+    """The documented command: spark-submit's --master wins over the job's profile, logs stay
+    quiet with the documented --driver-java-options, and the counts add up."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PATH": f"{venv_bin}:{os.environ['PATH']}",
+           "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("PYSPARK_GATEWAY_PORT", None)
+    cmd = [
+        str(venv_bin / "spark-submit"), "--master", "local[1]",
+        "--driver-java-options", "-Dlog4j.configurationFile=spark-conf/log4j2.properties",
+        "jobs/etl.py", "--lakehouse", str(tmp_path / "lh"), "--dataset", "all", "--sample-fraction", "0.05",
+    ]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"{cmd} exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    out = run.stdout
+    assert "spark master: local[1]" in out
+    assert re.search(r"^digits: rows in 1797, out 1797 \(train \d+, valid \d+\), rejected 0", out, re.M), out
+    m = re.search(r"^flights: rows in (\d+), out (\d+) \(train (\d+), valid (\d+)\), rejected (\d+)", out, re.M)
+    assert m, out
+    rows_in, rows_out, train, valid, rejected = map(int, m.groups())
+    assert 0.04 * 336_776 < rows_in < 0.06 * 336_776
+    assert rows_in == rows_out + rejected and rows_out == train + valid
+    assert " INFO " not in run.stderr, run.stderr[-3000:]

