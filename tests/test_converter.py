@@ -72,3 +72,42 @@ def test_rewritten_source_files_get_a_new_key(spark, tmp_path):
     assert second.key != first.key and not second.reused
     with second.loader(config=LoaderConfig(batch_size=5, shuffle=False)) as loader:
         assert loader.num_rows == 20
+
+
+def test_wide_plans_differing_past_the_25th_field_get_different_tables(spark, tmp_path):
+    # Catalyst prints at most spark.sql.debug.maxToStringFields (25) fields of a Project and
+    # then "... N more fields": the key must see the whole plan.
+    from pyspark.sql import functions as F
+
+    path, root = str(tmp_path / "wide"), str(tmp_path / "cache")
+    spark.range(20).selectExpr(*[f"id * {i} as c{i}" for i in range(30)]).write.parquet(path)
+    src = spark.read.parquet(path)
+    cols = [F.col(f"c{i}") for i in range(30)]
+    twice = src.select(*cols, (F.col("c29") * 2).alias("y"))
+    thrice = src.select(*cols, (F.col("c29") * 3).alias("y"))
+    a = cache_dataframe(twice, cache_root=root)
+    b = cache_dataframe(thrice, cache_root=root)
+    assert a.key != b.key and not b.reused
+    with b.loader(config=LoaderConfig(batch_size=4, shuffle=False, columns=["c29", "y"])) as loader:
+        for batch in loader:
+            torch.testing.assert_close(batch["y"], batch["c29"] * 3)
+    # The conf is restored afterwards.
+    assert spark.conf.get("spark.sql.debug.maxToStringFields", None) is None
+
+
+def test_schema_is_part_of_the_key_and_with_block_deletes(spark, source_parquet, tmp_path):
+    from sparkdl.schema import DatasetSchema
+
+    root = str(tmp_path / "cache")
+    df = spark.read.parquet(source_parquet).select("id", "v")
+    shaped = DatasetSchema.from_dict({"name": "s", "columns": [
+        {"name": "id", "type": "int64"}, {"name": "v", "type": "array<float32>", "shape": [2, 1]}]})
+    with cache_dataframe(df, cache_root=root) as plain:
+        with cache_dataframe(df, cache_root=root, schema=shaped) as with_shape:
+            assert with_shape.key != plain.key and not with_shape.reused
+            with with_shape.loader(config=LoaderConfig(batch_size=8)) as loader:
+                assert next(iter(loader))["v"].shape == (8, 2, 1)
+            with plain.loader(config=LoaderConfig(batch_size=8)) as loader:
+                assert next(iter(loader))["v"].shape == (8, 2)
+        assert not os.path.exists(with_shape.uri) and os.path.exists(plain.uri)
+    assert not os.path.exists(plain.uri)

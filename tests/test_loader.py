@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import threading
+import time
 from pathlib import Path
 
 import deltalake
@@ -17,7 +18,14 @@ import torch
 from deltalake import WriterProperties
 
 from sparkdl.data import LoaderConfig, TableLoader
-from sparkdl.errors import EmptyTableError, ImageDecodeError, LoaderError, TableNotFoundError, TableVersionError
+from sparkdl.errors import (
+    EmptyTableError,
+    ImageDecodeError,
+    LoaderError,
+    SchemaMismatchError,
+    TableNotFoundError,
+    TableVersionError,
+)
 from sparkdl.lakehouse import snapshot
 from sparkdl.schema import DatasetSchema
 
@@ -297,6 +305,123 @@ def test_corrupt_image_names_file_and_row(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("sparkdl-loader")]
 
 
+def _image_column_table(path: Path, encoded: list[bytes], shape: list[int] | None) -> str:
+    spec = {"name": "image", "type": "binary", "codec": "png"}
+    if shape is not None:
+        spec["shape"] = shape
+    schema = DatasetSchema.from_dict({"name": "imgs", "columns": [{"name": "id", "type": "int64"}, spec]})
+    t = pa.table({"id": np.arange(len(encoded), dtype=np.int64), "image": encoded}, schema=schema.to_arrow())
+    deltalake.write_deltalake(str(path), t)
+    return str(path)
+
+
+def _encode(pixels: np.ndarray, mode: str | None = None, **save) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels) if mode is None else Image.fromarray(pixels, mode=mode)
+    img.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def test_channels_first_and_last_image_shapes(tmp_path):
+    rng = np.random.default_rng(1)
+    px = rng.integers(0, 256, size=(6, 4, 5, 3), dtype=np.uint8)  # 6 RGB images, 4 high, 5 wide
+    encoded = [_encode(p) for p in px]
+    for shape, expected in (
+        ([3, 4, 5], px.transpose(0, 3, 1, 2)),  # channels first: transposed, not reshaped
+        ([4, 5, 3], px),
+        ([1, 4, 5], np.stack([np.asarray(_grey(p)) for p in px])[:, None]),
+        ([4, 5], np.stack([np.asarray(_grey(p)) for p in px])),
+    ):
+        uri = _image_column_table(tmp_path / f"t{'x'.join(map(str, shape))}", encoded, shape)
+        with TableLoader(uri, config=LoaderConfig(batch_size=6, shuffle=False)) as loader:
+            batch = next(iter(loader))
+        assert batch["image"].shape == (6, *shape)
+        np.testing.assert_array_equal(batch["image"].numpy(), expected)
+
+
+def _grey(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(pixels).convert("L")
+
+
+def test_image_shapes_that_do_not_fit_are_rejected(tmp_path):
+    px = np.zeros((2, 4, 5, 3), dtype=np.uint8)
+    encoded = [_encode(p) for p in px]
+    # Same number of pixels, other layout: an error, not a silent reshape.
+    uri = _image_column_table(tmp_path / "wrong", encoded, [5, 4, 3])
+    with TableLoader(uri, config=LoaderConfig(batch_size=2)) as loader:
+        with pytest.raises(ImageDecodeError, match=r"column 'image'.*4x5.*declares shape \[5, 4, 3\]"):
+            next(iter(loader))
+    with pytest.raises(ImageDecodeError, match=r"\[H, W, C\].*\[C, H, W\]"):
+        TableLoader(_image_column_table(tmp_path / "bad", encoded, [2, 4, 5, 3]))
+    with pytest.raises(ImageDecodeError, match=r"\[H, W, C\].*\[C, H, W\]"):
+        TableLoader(_image_column_table(tmp_path / "two", encoded, [5, 4, 2]))
+    # A 3x3 RGB image declared [3, 3, 3] could be either layout.
+    cube = _image_column_table(tmp_path / "cube", [_encode(np.zeros((3, 3, 3), np.uint8))] * 2, [3, 3, 3])
+    with TableLoader(cube, config=LoaderConfig(batch_size=2)) as loader:
+        with pytest.raises(ImageDecodeError, match="ambiguous"):
+            next(iter(loader))
+
+
+def test_palette_pngs_give_colours_and_16_bit_pngs_are_rejected(tmp_path):
+    from PIL import Image
+
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]], dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).quantize(4).save(buf, format="PNG")  # mode P: palette indices
+    uri = _image_column_table(tmp_path / "palette", [buf.getvalue()] * 2, None)
+    with TableLoader(uri, config=LoaderConfig(batch_size=2)) as loader:
+        np.testing.assert_array_equal(next(iter(loader))["image"][0].numpy(), rgb)
+
+    deep = np.array([[1000, 40000], [256, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    for shape in (None, [2, 2]):
+        uri = _image_column_table(tmp_path / f"deep{shape is None}", [buf.getvalue()] * 2, shape)
+        with TableLoader(uri, config=LoaderConfig(batch_size=2)) as loader:
+            with pytest.raises(ImageDecodeError, match=r"parquet, row [01] has Pillow mode .I;16. \(more than 8 bits"):
+                next(iter(loader))
+
+
+def test_declared_schema_dtypes_convert_and_mismatches_are_named(uneven_table):
+    declared = DatasetSchema.from_dict({"name": "t", "columns": [
+        {"name": "id", "type": "int32"}, {"name": "x", "type": "float64"}, {"name": "v", "type": "array<float64>"}]})
+    with TableLoader(uneven_table, config=cfg(columns=["id", "x", "v"]), schema=declared) as loader:
+        batch = next(iter(loader))
+    assert (batch["id"].dtype, batch["x"].dtype, batch["v"].dtype) == (torch.int32, torch.float64, torch.float64)
+    config = cfg(columns=["id", "x"], dtypes={"x": "float32"})  # the caller wins over the schema
+    with TableLoader(uneven_table, config=config, schema=declared) as loader:
+        assert next(iter(loader))["x"].dtype == torch.float32
+    wrong = DatasetSchema.from_dict({"name": "t", "columns": [{"name": "name", "type": "float32"}]})
+    with pytest.raises(SchemaMismatchError, match=r"column 'name' is declared float.*holds string"):
+        TableLoader(uneven_table, config=cfg(columns=["name"]), schema=wrong)
+
+
+@pytest.mark.integration
+def test_real_digits_tables_load_on_two_ranks(spark, tmp_path):
+    from sparkdl.etl.digits import digits_images, run_digits_etl
+
+    res = run_digits_etl(spark=spark, lakehouse=str(tmp_path / "lakehouse"))
+    images, labels = digits_images()
+    seen = []
+    for name in ("digits_train", "digits_valid"):
+        for rank in range(2):
+            config = LoaderConfig(batch_size=64, remainder="pad", drop_last=False, decode_threads=2)
+            with TableLoader(res.tables[name], version=res.table_versions[name], rank=rank, world_size=2,
+                             config=config) as loader:
+                for batch in loader:
+                    ids = batch["id"].numpy()
+                    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (8, 8)
+                    np.testing.assert_array_equal(batch["image"].numpy(), images[ids])
+                    np.testing.assert_array_equal(batch["label"].numpy(), labels[ids])
+                    seen += ids.tolist()
+    assert set(seen) == set(range(len(labels)))
+
+
 # ---------------------------------------------------------------------------------------
 # Sources, versions, filters
 # ---------------------------------------------------------------------------------------
@@ -334,6 +459,42 @@ def test_version_pinning_and_parquet_file_list(tmp_path):
         assert sorted(i for b in ids_of(loader) for i in b) == list(range(50))
 
 
+def test_filter_prunes_row_groups_by_statistics(single_file_table):
+    # 8 row groups of 25 ids in order: ids 30..69 lie in row groups 1 and 2 only.
+    flt = (ds.field("id") >= 30) & (ds.field("id") < 70)
+    with TableLoader(single_file_table, config=cfg(drop_last=False, shuffle=False), filter=flt) as loader:
+        assert loader.num_rows == 40 and len(loader._counts) == 2
+        assert [i for b in ids_of(loader) for i in b] == list(range(30, 70))
+
+
+def test_fsspec_filesystem_and_a_remote_parquet_uri(single_file_table):
+    fsspec = pytest.importorskip("fsspec")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    mem = fsspec.filesystem("memory")
+    (local,) = snapshot(single_file_table).files
+    mem.pipe("/bucket/data/t.parquet", Path(local).read_bytes())
+    fs = PyFileSystem(FSSpecHandler(mem))
+    # A single remote *.parquet URI is a file, not a Delta table.
+    with TableLoader("memory://bucket/data/t.parquet", filesystem=fs, config=cfg(shuffle=False)) as loader:
+        assert loader.version is None and loader.num_rows == 200
+        assert [i for b in ids_of(loader) for i in b] == list(range(192))
+
+
+def test_s3_storage_options_configure_the_data_filesystem():
+    from pyarrow.fs import S3FileSystem
+
+    from sparkdl.data.source import _filesystem_for
+
+    options = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "eu-west-1",
+               "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    fs, paths = _filesystem_for(["s3a://bucket/t/part-0.parquet"], None, options)
+    assert isinstance(fs, S3FileSystem) and paths == ["bucket/t/part-0.parquet"]
+    kwargs = fs.__reduce__()[1][0]
+    assert (kwargs["access_key"], kwargs["region"], kwargs["endpoint_override"], kwargs["scheme"]) == (
+        "k", "eu-west-1", "127.0.0.1:9000", "http")
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
@@ -364,6 +525,43 @@ def test_empty_table_raises(tmp_path):
     deltalake.write_deltalake(str(tmp_path / "empty"), _rows(0, 0, 0))
     with pytest.raises(EmptyTableError):
         TableLoader(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"shuffle": "no"}, "shuffle"), ({"drop_last": None}, "drop_last"), ({"pin_memory": 1}, "pin_memory"),
+    ({"max_bytes_in_flight": "1GB"}, "max_bytes_in_flight"), ({"max_bytes_in_flight": 1.5}, "max_bytes_in_flight"),
+    ({"max_memory_bytes": 0}, "max_memory_bytes"), ({"dtypes": {"x": 3}}, r"dtypes\['x'\]"),
+    ({"dtypes": {"x": "floaty"}}, r"dtypes\['x'\]"), ({"batch_size": 2.0}, "batch_size=2.0.*e.g. batch_size=256"),
+])
+def test_config_rejects_bad_values_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"LoaderConfig.{field}"):
+        LoaderConfig(**kw)
+
+
+def test_config_accepts_torch_dtypes(uneven_table):
+    config = cfg(columns=["x"], dtypes={"x": torch.float64})
+    assert config.dtypes == {"x": "float64"}
+    with TableLoader(uneven_table, config=config) as loader:
+        assert next(iter(loader))["x"].dtype == torch.float64
+
+
+def test_state_names_the_source_and_filter(uneven_table, tmp_path):
+    flt = ds.field("label") == 1
+    with TableLoader(uneven_table, config=cfg(), filter=flt) as loader:
+        state = loader.state_dict()
+    other = ds.field("label") == 2  # as many rows (333) as the first filter
+    with TableLoader(uneven_table, config=cfg(), filter=other) as loader:
+        assert loader.num_rows == 333
+        with pytest.raises(ValueError, match="filter"):
+            loader.load_state_dict(state)
+    copy = write_parts(tmp_path / "copy", [(300, 97), (450, 50), (250, 13)])  # same rows, other table
+    with TableLoader(copy, config=cfg(), filter=flt) as loader:
+        with pytest.raises(ValueError, match="source"):
+            loader.load_state_dict(state)
+    files = snapshot(uneven_table).files
+    with TableLoader(files, config=cfg()) as a, TableLoader(list(reversed(files)), config=cfg()) as b:
+        with pytest.raises(ValueError, match="source"):
+            b.load_state_dict(a.state_dict())
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,6 +596,29 @@ def test_threads_stop_on_break_close_and_exit(uneven_table, tmp_path):
     assert not _loader_threads()
 
 
+@pytest.mark.integration
+def test_a_script_that_exits_mid_epoch_without_closing_exits_cleanly(uneven_table):
+    # A producer thread left inside native code (Arrow, torch) at interpreter exit used to abort
+    # the process ("terminate called without an active exception"); the busy transform keeps
+    # the producer in native code, without the GIL, nearly all the time.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from sparkdl.data import LoaderConfig, TableLoader\n"
+        "def busy(batch):\n"
+        "    torch.ones(600, 600) @ torch.ones(600, 600)\n"
+        "    return batch\n"
+        "it = iter(TableLoader(sys.argv[1], config=LoaderConfig(batch_size=10, prefetch_batches=1), transform=busy))\n"
+        "for _ in range(3):\n"
+        "    next(it)\n"
+        "print('left without closing')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, uneven_table], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "left without closing" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
 def test_transform_and_bounded_prefetch(uneven_table):
     produced = []
 
@@ -413,17 +634,74 @@ def test_transform_and_bounded_prefetch(uneven_table):
             assert len(produced) - consumed <= 2
 
 
+def test_byte_bound_counts_decoded_images(tmp_path):
+    # Flat 32x32 RGB images: ~100 bytes of PNG, 3 KiB of pixels each.
+    encoded = [_encode(np.full((32, 32, 3), i, np.uint8)) for i in range(96)]
+    uri = _image_column_table(tmp_path / "flat", encoded, [32, 32, 3])
+    batch_bytes = 4 * (32 * 32 * 3 + 8)
+    config = LoaderConfig(batch_size=4, prefetch_batches=100, max_bytes_in_flight=2 * batch_bytes)
+    with TableLoader(uri, config=config) as loader:
+        most = 0
+        for batch in loader:
+            assert batch["image"].shape == (4, 32, 32, 3)
+            # Let the producer run ahead as far as the bound lets it, then count what waits.
+            time.sleep(0.02)
+            waiting = list(loader._active._items)
+            most = max(most, sum(sum(v.numel() * v.element_size() for v in item.values())
+                                 for item, _ in waiting if isinstance(item, dict)))
+    assert 0 < most <= 2 * batch_bytes
+
+
+def test_memory_budget_shrinks_the_shuffle_buffer(uneven_table):
+    config = cfg(columns=["id", "x", "v"], batch_size=8, shuffle_buffer_rows=512)
+    with TableLoader(uneven_table, config=config) as loader:
+        full = loader.memory_bound
+        assert loader.block_rows == 512 and full.total > 0 and not full.estimated
+    budget = full.total - 100 * 8 * (8 + 4 + 4 * 4)  # about 100 batches' worth less
+    seen = []
+    for rank in range(2):
+        small = cfg(columns=["id", "x", "v"], batch_size=8, shuffle_buffer_rows=512, max_memory_bytes=budget,
+                    drop_last=False)
+        with TableLoader(uneven_table, rank=rank, world_size=2, config=small) as loader:
+            assert loader.block_rows < 512 and loader.block_rows % 8 == 0
+            assert loader.memory_bound.total <= budget and loader.state_dict()["block_rows"] == loader.block_rows
+            seen += [i for b in ids_of(loader) for i in b]
+    assert sorted(seen) == list(range(1000))
+    with pytest.raises(ValueError, match=r"max_memory_bytes=1,000 cannot hold.*at least [\d,]+"):
+        TableLoader(uneven_table, config=cfg(max_memory_bytes=1000))
+
+
+def _malloc_in_use() -> int:
+    """Bytes in use in glibc malloc (torch's and numpy's CPU allocations); 0 where unavailable."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def test_memory_does_not_grow_across_epochs(uneven_table):
     config = cfg(columns=["id", "x", "v"], batch_size=32, shuffle_buffer_rows=256)
     with TableLoader(uneven_table, config=config) as loader:
-        after = []
+        arrow, heap = [], []
         for epoch in range(6):
             loader.set_epoch(epoch)
             for _ in loader:
                 pass
             gc.collect()
-            after.append(pa.total_allocated_bytes())
-    assert max(after[2:]) <= after[1] + 64 * 1024, after
+            arrow.append(pa.total_allocated_bytes())
+            heap.append(_malloc_in_use())
+    # Arrow buffers and torch tensors (gathered batches) are both released every epoch.
+    assert max(arrow[2:]) <= arrow[1] + 64 * 1024, arrow
+    assert max(heap[2:]) <= heap[1] + 256 * 1024, heap
 
 
 def test_pin_memory_without_cuda_is_ignored_with_a_warning(uneven_table):
@@ -441,3 +719,10 @@ def test_batches_pinned_and_moved_to_cuda(uneven_table):
         batch = next(iter(loader))
     assert batch["id"].is_cuda and batch["v"].is_cuda and batch["v"].shape == (16, VEC)
     assert isinstance(batch["name"], list)
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_without_a_device(uneven_table):
+    with TableLoader(uneven_table, config=cfg(pin_memory=True, columns=["id", "v"])) as loader:
+        batch = next(iter(loader))
+    assert batch["id"].is_pinned() and batch["v"].is_pinned() and batch["v"].device.type == "cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 
@@ -46,33 +47,49 @@ class LoaderConfig:
     prefetch_batches: int = 4
     """Batches prepared ahead by the background thread."""
     max_bytes_in_flight: int | None = None
-    """Bound on the bytes of prepared batches waiting for the consumer (at least one batch is always
-    allowed); None bounds them only by prefetch_batches."""
+    """Bound on the bytes of prepared batches waiting for the consumer, counted as the tensors they
+    hold (images decoded); at least one batch is always allowed. None bounds them only by
+    prefetch_batches. This bounds the waiting batches only; max_memory_bytes bounds everything."""
+    max_memory_bytes: int | None = None
+    """Bound on all the loader's buffers (the shuffle buffer being cut, the one read ahead, the row
+    groups they span, the waiting batches), not counting the batch the consumer holds. When set,
+    the shuffle buffer is shrunk (in whole batches, never below one) so that TableLoader.memory_bound
+    fits it; a budget too small for one batch per buffer fails at construction with the minimum.
+    None: no overall bound (TableLoader.memory_bound still reports what the settings imply)."""
     decode_threads: int = 4
     """Threads decoding PNG/JPEG columns."""
     dtypes: dict[str, str] = field(default_factory=dict)
-    """Per-column torch dtype overrides, e.g. {"x": "float32"}; other columns keep their table type."""
+    """Per-column torch dtype overrides, e.g. {"x": "float32"} (names or torch.dtype values); they
+    win over the dtypes of a declared schema; other columns keep their table type."""
     pin_memory: bool = False
     """Put batches in pinned (page-locked) memory for faster host-to-GPU copies; ignored without CUDA."""
     device: str | None = None
     """Move batches to this device (e.g. "cuda:0"), asynchronously when pin_memory is on."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shuffle_buffer_rows", "prefetch_batches", "decode_threads"):
+        examples = {"batch_size": 256, "shuffle_buffer_rows": 65_536, "prefetch_batches": 4, "decode_threads": 4}
+        for name, example in examples.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LoaderConfig.{name}={value!r} must be a positive integer")
+                raise ValueError(f"LoaderConfig.{name}={value!r} must be a positive integer, e.g. {name}={example}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"LoaderConfig.seed={self.seed!r} must be a non-negative integer")
+            raise ValueError(f"LoaderConfig.seed={self.seed!r} must be a non-negative integer, e.g. seed=0")
+        for name in ("shuffle", "drop_last", "pin_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"LoaderConfig.{name}={value!r} must be True or False")
         if self.remainder not in REMAINDER_POLICIES:
             raise ValueError(
-                f"LoaderConfig.remainder={self.remainder!r} must be one of {list(REMAINDER_POLICIES)}"
+                f"LoaderConfig.remainder={self.remainder!r} must be one of {list(REMAINDER_POLICIES)}, "
+                "e.g. remainder='drop'"
             )
-        if self.max_bytes_in_flight is not None and self.max_bytes_in_flight < 1:
-            raise ValueError(
-                f"LoaderConfig.max_bytes_in_flight={self.max_bytes_in_flight!r} must be a positive "
-                "number of bytes, or None to bound prefetch by prefetch_batches only"
-            )
+        for name in ("max_bytes_in_flight", "max_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"LoaderConfig.{name}={value!r} must be a positive integer number of bytes, e.g. "
+                    f"{name}={256 * 2**20} for 256 MiB, or None for no bound"
+                )
         if self.columns is not None:
             if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
                 raise ValueError(
@@ -83,17 +100,28 @@ class LoaderConfig:
                 raise ValueError("LoaderConfig.columns=[] selects nothing; pass None for all columns")
             dupes = sorted({c for c in self.columns if self.columns.count(c) > 1})
             if dupes:
-                raise ValueError(f"LoaderConfig.columns names {dupes} more than once")
-        self.dtypes = dict(self.dtypes)
+                raise ValueError(f"LoaderConfig.columns names {dupes} more than once; list each column once")
+        if not isinstance(self.dtypes, Mapping):
+            raise ValueError(f"LoaderConfig.dtypes={self.dtypes!r} must be a dict, e.g. {{'x': 'float32'}}")
+        dtypes = {}
         for col, name in self.dtypes.items():
-            torch_dtype(name, what=f"LoaderConfig.dtypes[{col!r}]")
+            what = f"LoaderConfig.dtypes[{col!r}]"
+            if isinstance(name, torch.dtype):
+                name = str(name)
+            if not isinstance(name, str):
+                raise ValueError(f"{what}={name!r} must be a dtype name such as 'float32' or a torch.dtype")
+            torch_dtype(name, what=what)
+            dtypes[col] = name.removeprefix("torch.")
+        self.dtypes = dtypes
         if self.device is not None:
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as e:
-                raise ValueError(f"LoaderConfig.device={self.device!r} is not a torch device: {e}") from e
+                raise ValueError(
+                    f"LoaderConfig.device={self.device!r} is not a torch device: {e}; e.g. device='cuda:0'"
+                ) from e
 
     @property
     def block_rows(self) -> int:
-        """The shuffle buffer in rows, rounded up to whole batches."""
+        """The shuffle buffer in rows, rounded up to whole batches (before max_memory_bytes shrinks it)."""
         return -(-self.shuffle_buffer_rows // self.batch_size) * self.batch_size

@@ -4,14 +4,19 @@ The cache key is a SHA-256 over what determines the DataFrame's rows:
 
 * the canonicalized optimized logical plan
   (``df._jdf.queryExecution().optimizedPlan().canonicalized().toString()``; canonicalizing
-  replaces the session's expression ids, so the same query built twice hashes the same);
+  replaces the session's expression ids, so the same query built twice hashes the same),
+  printed in full: ``spark.sql.debug.maxToStringFields`` and ``spark.sql.maxPlanStringLength``
+  are lifted while the key is computed, because by default Catalyst cuts field lists after 25
+  entries (``... 6 more fields``) and two wide plans differing past the cut would collide;
 * the schema (``df.schema.json()``);
 * the input files (``df.inputFiles()``), and for local files their size and modification
   time, so rewriting a source folder in place gives a new key (the plan string names no
   paths);
 * for plans over in-memory data (``createDataFrame``, RDDs, ``df.cache()``), whose plan
   string does not show the data, a fingerprint of the rows computed by Spark (count, XOR and
-  modular sum of ``xxhash64`` of every row).
+  modular sum of ``xxhash64`` of every row);
+* the ``schema=`` passed to :func:`cache_dataframe` (its codecs and shapes are stored in the
+  cache table, so the same DataFrame cached with another schema is another table).
 
 Not covered: non-file sources whose data changes behind the same plan (JDBC tables, remote
 files rewritten in place): call :meth:`CachedTable.delete` or :func:`clear_cache` to refresh.
@@ -20,6 +25,7 @@ files rewritten in place): call :meth:`CachedTable.delete` or :func:`clear_cache
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -66,10 +72,32 @@ def _fingerprint_rows(df: "DataFrame") -> str:
     return f"rows={row['n']} xor={row['x']} sum={row['s']}"
 
 
-def dataframe_key(df: "DataFrame") -> str:
-    """The cache key of ``df`` (see the module docstring for what it covers)."""
-    plan = df._jdf.queryExecution().optimizedPlan().canonicalized().toString()
+# SQL confs that truncate plan strings; lifted while a key is computed (see the module docstring).
+_UNTRUNCATED = {"spark.sql.debug.maxToStringFields": str(2**31 - 1), "spark.sql.maxPlanStringLength": str(2**31 - 16)}
+
+
+def _full_plan_string(df: "DataFrame") -> str:
+    conf = df.sparkSession.conf
+    saved = {key: conf.get(key, None) for key in _UNTRUNCATED}
+    try:
+        for key, value in _UNTRUNCATED.items():
+            conf.set(key, value)
+        text = df._jdf.queryExecution().optimizedPlan().canonicalized().toString()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                conf.unset(key)
+            else:
+                conf.set(key, value)
+    return text
+
+
+def dataframe_key(df: "DataFrame", schema: DatasetSchema | None = None) -> str:
+    """The cache key of ``df`` cached with ``schema`` (see the module docstring for what it covers)."""
+    plan = _full_plan_string(df)
     parts = [plan, df.schema.json()]
+    if schema is not None:
+        parts.append("schema=" + json.dumps(schema.to_dict(), sort_keys=True, default=str))
     for f in sorted(df.inputFiles()):
         local = _local_path(f)
         if local is not None and os.path.exists(local):
@@ -110,6 +138,13 @@ class CachedTable:
         """Remove the cache table (its log and files); idempotent."""
         _delete_dir(self.uri)
 
+    def __enter__(self) -> "CachedTable":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """``with cache_dataframe(...) as cached:`` deletes the cache table when the block ends."""
+        self.delete()
+
 
 def _delete_dir(uri: str) -> None:
     local = _local_path(uri)
@@ -137,7 +172,7 @@ def cache_dataframe(
     """
     if not cache_root:
         raise ValueError("cache_root must name a folder, e.g. Lakehouse(root).cache()")
-    key = dataframe_key(df)
+    key = dataframe_key(df, schema)
     uri = join_uri(normalize_uri(cache_root), key)
     if table_exists(uri, storage_options):
         return CachedTable(uri=uri, version=snapshot(uri, storage_options=storage_options).version, key=key,

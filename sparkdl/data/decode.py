@@ -5,7 +5,15 @@ A block (one shuffle buffer) is converted column by column, once: numeric column
 become ``[n, *shape]`` tensors after a vectorized check that every row holds the declared
 number of values, and PNG/JPEG columns stay Arrow binary until a batch is cut, when the
 batch's rows are decoded by a thread pool into one ``uint8`` tensor. String and raw binary
-columns are handed out as ``list[str]`` / ``list[bytes]``.
+columns are handed out as ``list[str]`` / ``list[bytes]``. A shuffled block is permuted in
+place, column by column; a batch is copied out of its block, so it owns its memory and a
+waiting batch does not keep its block alive.
+
+Images: an undeclared shape gives what the file holds (``[H, W]`` grey, ``[H, W, 3]`` RGB,
+``[H, W, 4]`` RGBA; palette images become RGB(A), grey+alpha becomes grey). A declared shape
+``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` (C = 1, 3 or 4) converts the colours to C channels
+and lays the pixels out channels last or first (``[C, H, W]`` is transposed, not reshaped).
+Images of more than 8 bits per channel are rejected rather than wrapped into uint8.
 """
 
 from __future__ import annotations
@@ -23,10 +31,10 @@ import pyarrow.compute as pc
 import torch
 
 from sparkdl.data.config import torch_dtype
-from sparkdl.errors import ImageDecodeError, LoaderError
+from sparkdl.errors import ImageDecodeError, LoaderError, SchemaMismatchError
 from sparkdl.schema import DatasetSchema
 
-__all__ = ["ColumnDecoder", "build_decoders", "decode_block", "permute_block", "cut_batch"]
+__all__ = ["ColumnDecoder", "build_decoders", "decode_block", "permute_block", "cut_batch", "image_layout"]
 
 Where = Callable[[int], str]
 """Maps a row of the block being decoded to a "file, row" description for error messages."""
@@ -47,7 +55,7 @@ class ColumnDecoder:
     shape: tuple[int, ...] | None = None
     """Per-row shape of array and image columns, when declared."""
     dtype: torch.dtype | None = None
-    """dtype override from LoaderConfig.dtypes."""
+    """dtype to convert to: LoaderConfig.dtypes, else the declared schema's type when it differs."""
 
 
 def _is_list(t: pa.DataType) -> bool:
@@ -69,13 +77,38 @@ def _numeric_like(t: pa.DataType) -> bool:
     )
 
 
+# Declared scalar types that convert to a torch dtype (dates and timestamps load as integers).
+_TORCH_OF = {
+    pa.bool_(): torch.bool, pa.int8(): torch.int8, pa.int16(): torch.int16, pa.int32(): torch.int32,
+    pa.int64(): torch.int64, pa.float32(): torch.float32, pa.float64(): torch.float64,
+}
+
+
+def _declared_dtype(dataset: str, name: str, want: pa.DataType, found: pa.DataType) -> torch.dtype | None:
+    """The dtype a declared column converts to, when its declared type differs from the table's."""
+    want_leaf, found_leaf = _leaf_type(want), _leaf_type(found)
+    if pa.types.is_dictionary(found_leaf):
+        found_leaf = found_leaf.value_type
+    if want_leaf == found_leaf or want_leaf not in _TORCH_OF:
+        return None
+    if _is_list(want) != _is_list(found) or not _numeric_like(found_leaf) or pa.types.is_temporal(found_leaf):
+        raise SchemaMismatchError(
+            dataset, [f"column {name!r} is declared {want} but the table holds {found}; fix the schema= "
+                      "argument or convert the column in the ETL"]
+        )
+    return _TORCH_OF[want_leaf]
+
+
 def build_decoders(
     schema: pa.Schema,
     columns: list[str],
     declared: DatasetSchema | None,
     dtypes: dict[str, str],
 ) -> list[ColumnDecoder]:
-    """One decoder per projected column, from the declared schema, else the column metadata."""
+    """One decoder per projected column, from the declared schema, else the column metadata.
+
+    A declared column takes its codec and shape from ``declared``, and its dtype too when the
+    declared numeric type differs from the table's (``dtypes``, from LoaderConfig, wins)."""
     unknown = sorted(set(dtypes) - set(columns))
     if unknown:
         raise ValueError(f"LoaderConfig.dtypes names columns {unknown} that are not loaded; loaded columns: {columns}")
@@ -85,15 +118,19 @@ def build_decoders(
         meta = {k.decode(): v.decode() for k, v in (field.metadata or {}).items()}
         codec = meta.get("sparkdl.codec", "raw")
         shape = tuple(json.loads(meta["sparkdl.shape"])) if "sparkdl.shape" in meta else None
+        t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        dtype = None
         if declared is not None and name in declared.names:
             spec = declared.column(name)
             codec, shape = spec.codec, spec.shape
-        dtype = torch_dtype(dtypes[name], what=f"LoaderConfig.dtypes[{name!r}]") if name in dtypes else None
-        t = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+            dtype = _declared_dtype(declared.name, spec.name, spec.arrow_type, t)
+        if name in dtypes:
+            dtype = torch_dtype(dtypes[name], what=f"LoaderConfig.dtypes[{name!r}]")
         binary = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
         if codec in ("png", "jpeg"):
             if not binary:
                 raise ValueError(f"column {name!r} is declared {codec} but holds {t}, not binary")
+            image_layout(name, shape)
             kind = "image"
         elif binary or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
             if dtype is not None:
@@ -214,41 +251,92 @@ def decode_block(table: pa.Table, decoders: list[ColumnDecoder], where: Where) -
     return out
 
 
-def permute_block(block: dict[str, Any], perm: np.ndarray) -> dict[str, Any]:
-    """Rows of every column in ``perm`` order (one gather per column per block)."""
-    index = torch.from_numpy(perm)
-    arrow_index = pa.array(perm)
-    return {
-        name: value.index_select(0, index) if isinstance(value, torch.Tensor) else value.take(arrow_index)
-        for name, value in block.items()
-    }
-
-
 # ---------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------
+# Pillow modes with 8 bits per channel, and the mode each becomes when no channel count is declared.
+_EIGHT_BIT_MODES = {
+    "1": "L", "L": "L", "LA": "L", "P": "RGB", "PA": "RGBA", "RGB": "RGB", "RGBA": "RGBA", "RGBX": "RGB",
+    "RGBa": "RGBA", "La": "L", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB",
+}
+
+
+def image_layout(name: str, shape: tuple[int, ...] | None) -> None:
+    """Check that a declared image shape is [H, W], [H, W, C] or [C, H, W] with C in 1, 3, 4."""
+    if shape is None:
+        return
+    if len(shape) == 2 or (len(shape) == 3 and (shape[-1] in _IMAGE_MODES or shape[0] in _IMAGE_MODES)):
+        return
+    raise ImageDecodeError(
+        f"column {name!r}: images cannot take the declared shape {list(shape)}; declare [H, W] (grey), "
+        "[H, W, C] (channels last) or [C, H, W] (channels first) with C = 1 (grey), 3 (RGB) or 4 (RGBA)"
+    )
+
+
 def _decode_image(data: bytes | None, dec: ColumnDecoder, where: Callable[[], str]) -> np.ndarray:
+    """One image as uint8 pixels: [H, W] or [H, W, C] as stored, or laid out as the declared shape."""
     from PIL import Image, UnidentifiedImageError
 
     if data is None:
         raise ImageDecodeError(f"column {dec.name!r}: the {dec.codec} image at {where()} is null")
+    shape = dec.shape
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if dec.shape is not None:
-                channels = 1 if len(dec.shape) == 2 else dec.shape[-1]
-                mode = _IMAGE_MODES.get(channels)
-                if mode is not None and img.mode != mode:
-                    img = img.convert(mode)
+            if img.mode not in _EIGHT_BIT_MODES:
+                raise ImageDecodeError(
+                    f"column {dec.name!r}: the image at {where()} has Pillow mode {img.mode!r} (more than 8 bits "
+                    "per channel), which would not fit uint8 without losing values; convert it to 8-bit "
+                    "(L, RGB or RGBA) in the ETL"
+                )
+            w, h = img.size
+            channels_first = False
+            transparent_palette = img.mode == "P" and "transparency" in img.info
+            if shape is None:
+                mode = "RGBA" if transparent_palette else _EIGHT_BIT_MODES[img.mode]
+            elif len(shape) == 2:
+                mode = "L"
+            else:
+                # Which end of the declared shape holds the channels, by the image's size.
+                last = shape[-1] in _IMAGE_MODES and tuple(shape[:2]) == (h, w)
+                first = shape[0] in _IMAGE_MODES and tuple(shape[1:]) == (h, w)
+                if last and first:
+                    raise ImageDecodeError(
+                        f"column {dec.name!r}: the declared shape {list(shape)} is ambiguous for the {h}x{w} image "
+                        f"at {where()} (channels first or last); resize the images in the ETL"
+                    )
+                if not (last or first):
+                    raise ImageDecodeError(
+                        f"column {dec.name!r}: the image at {where()} is {h}x{w} ({img.mode}) but the schema "
+                        f"declares shape {list(shape)}; resize it in the ETL or fix sparkdl.shape"
+                    )
+                channels_first = first
+                mode = _IMAGE_MODES[shape[0] if first else shape[-1]]
+            if transparent_palette:
+                img = img.convert("RGBA")
+            if img.mode != mode:
+                img = img.convert(mode)
             pixels = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"column {dec.name!r}: cannot decode the {dec.codec} image at {where()}: {e}") from e
-    if dec.shape is not None and pixels.shape != dec.shape:
-        if pixels.size != math.prod(dec.shape):
-            raise ImageDecodeError(
-                f"column {dec.name!r}: the image at {where()} is {list(pixels.shape)} but the schema "
-                f"declares shape {list(dec.shape)}; resize it in the ETL or fix sparkdl.shape"
-            )
-        pixels = pixels.reshape(dec.shape)
+    if pixels.dtype != np.uint8:
+        raise ImageDecodeError(
+            f"column {dec.name!r}: the image at {where()} decodes to {pixels.dtype}, not uint8; "
+            "convert it to 8-bit in the ETL"
+        )
+    if shape is None:
+        return pixels
+    if len(shape) == 3:
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if channels_first:
+            pixels = pixels.transpose(2, 0, 1)
+    if pixels.shape != shape:
+        raise ImageDecodeError(
+            f"column {dec.name!r}: the image at {where()} is {list(pixels.shape)} but the schema "
+            f"declares shape {list(shape)}; resize it in the ETL or fix sparkdl.shape"
+        )
     return pixels
 
 
@@ -282,6 +370,18 @@ def _decode_images(
     return torch.from_numpy(out)
 
 
+def permute_block(block: dict[str, Any], perm: np.ndarray) -> None:
+    """Put every column's rows in ``perm`` order, in place, one column at a time (so only one
+    column is held twice at any moment); one gather per column per block."""
+    index = torch.from_numpy(perm)
+    arrow_index = pa.array(perm)
+    for name in list(block):
+        value = block[name]
+        block[name] = None
+        block[name] = value.index_select(0, index) if isinstance(value, torch.Tensor) else value.take(arrow_index)
+        del value
+
+
 def cut_batch(
     block: dict[str, Any],
     decoders: list[ColumnDecoder],
@@ -291,12 +391,14 @@ def cut_batch(
     pool: Executor | None,
     threads: int,
 ) -> dict[str, Any]:
-    """Rows ``[lo, hi)`` of a (permuted) block as a batch; ``where`` maps a block row to its origin."""
+    """Rows ``[lo, hi)`` of a (permuted) block as a batch that owns its memory (tensors are
+    copied, not views, so a waiting batch does not keep its block alive); ``where`` maps a
+    block row to its origin, for error messages."""
     batch: dict[str, Any] = {}
     for dec in decoders:
         value = block[dec.name]
         if dec.kind == "tensor":
-            batch[dec.name] = value[lo:hi]
+            batch[dec.name] = value[lo:hi].clone()
         elif dec.kind == "image":
             t = _decode_images(value.slice(lo, hi - lo), dec, lambda i: where(lo + i), pool, threads)
             batch[dec.name] = t.to(dec.dtype) if dec.dtype is not None else t

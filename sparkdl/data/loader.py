@@ -2,25 +2,31 @@
 
 See docs/loader.md for the guarantees and sparkdl/data/plan.py for how rows are assigned.
 A background thread reads, decodes, shuffles and cuts batches ahead of the consumer, under
-the bounds of ``prefetch_batches`` and ``max_bytes_in_flight``; it is started by each
+the bounds of ``prefetch_batches`` and ``max_bytes_in_flight`` (waiting batches) and
+``max_memory_bytes`` (all buffers; see sparkdl/data/memory.py); it is started by each
 iteration and stopped when the iteration ends, when the consumer breaks out of it, or on
 ``close()``.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import torch
 
 from sparkdl.data.config import LoaderConfig
 from sparkdl.data.decode import build_decoders, cut_batch, decode_block, permute_block
+from sparkdl.data.memory import MemoryBound, fit_block_rows, memory_bound, row_sizes
 from sparkdl.data.plan import (
     Segment,
     batches_per_epoch,
@@ -40,20 +46,9 @@ __all__ = ["TableLoader"]
 Batch = dict[str, Any]
 # Keys of state_dict() that must match on load_state_dict() for "resume at the next row" to hold.
 _STATE_MUST_MATCH = (
-    "rank", "world_size", "seed", "version", "num_rows", "batch_size", "shuffle",
-    "shuffle_buffer_rows", "drop_last", "remainder",
+    "source", "filter", "rank", "world_size", "seed", "version", "num_rows", "batch_size", "shuffle",
+    "block_rows", "drop_last", "remainder",
 )
-
-
-def _row_bytes(block: Mapping[str, Any]) -> int:
-    """Bytes per row of a decoded block (images count their encoded size until decoded)."""
-    total = 0
-    for v in block.values():
-        if isinstance(v, torch.Tensor):
-            total += v.element_size() * (v[0].numel() if v.dim() > 1 and len(v) else 1)
-        elif len(v):
-            total += max(1, v.nbytes // len(v))
-    return total
 
 
 def _batch_bytes(batch: Any) -> int:
@@ -66,6 +61,25 @@ def _batch_bytes(batch: Any) -> int:
         elif isinstance(v, list):
             total += sum(len(x) for x in v if isinstance(x, (str, bytes)))
     return total
+
+
+# Loaders with a live background thread. A daemon producer still inside Arrow or torch code
+# when the interpreter finalizes aborts the process ("terminate called without an active
+# exception"), so the threads of loaders left open are stopped at exit.
+_OPEN_LOADERS: "weakref.WeakSet[TableLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader._stop_active()
+
+
+def _source_id(uri: str | None, files: Sequence[str]) -> str:
+    """What a resume must read again: the Delta table, or the Parquet files in their order."""
+    if uri is not None:
+        return uri
+    return "files:" + hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
 class TableLoader:
@@ -81,7 +95,9 @@ class TableLoader:
     statistics, partition values); ``transform``: applied to every batch in the
     background thread; ``schema``: codecs and shapes to decode by (default: the table's
     sparkdl column metadata); ``storage_options``: for the Delta log (deltalake);
-    ``filesystem``: the ``pyarrow.fs`` filesystem of the data files (default: from the URI).
+    ``filesystem``: the ``pyarrow.fs`` filesystem of the data files (default: from the URI,
+    or from S3 ``storage_options``). ``memory_bound`` reports what the buffers may hold and
+    ``block_rows`` the shuffle buffer actually used.
     """
 
     def __init__(
@@ -156,6 +172,25 @@ class TableLoader:
                 "set drop_last=False"
             )
         self._reader = PieceReader(self._source, pieces, fragments, columns, filter)
+        self._sizes = row_sizes(self._source.schema, self._decoders, fragments)
+        bound_args = dict(
+            group_rows=max(int(f.row_groups[0].num_rows) for f in fragments),
+            prefetch_batches=self.config.prefetch_batches,
+            max_bytes_in_flight=self.config.max_bytes_in_flight,
+            pin=self._pin,
+        )
+        block_rows = self.config.block_rows
+        if self.config.max_memory_bytes is not None:
+            block_rows = fit_block_rows(
+                self.config.max_memory_bytes, block_rows, batch_size=self.config.batch_size, sizes=self._sizes,
+                **bound_args,
+            )
+        self.block_rows = block_rows
+        """Rows of the shuffle buffer: LoaderConfig.block_rows, shrunk to fit max_memory_bytes."""
+        self.memory_bound: MemoryBound = memory_bound(
+            self._sizes, block_rows=block_rows, batch_size=self.config.batch_size, **bound_args
+        )
+        """What the loader's buffers may hold at once (bytes), besides the consumer's batch."""
         self.epoch = 0
         self._position = 0
         self._resume: tuple[int, int] | None = None
@@ -185,6 +220,8 @@ class TableLoader:
         return {
             "epoch": self.epoch,
             "position": self._position,
+            "source": _source_id(self._source.uri, self._source.files),
+            "filter": None if self._filter is None else str(self._filter),
             "seed": cfg.seed,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -193,6 +230,7 @@ class TableLoader:
             "batch_size": cfg.batch_size,
             "shuffle": cfg.shuffle,
             "shuffle_buffer_rows": cfg.shuffle_buffer_rows,
+            "block_rows": self.block_rows,
             "drop_last": cfg.drop_last,
             "remainder": cfg.remainder,
             "batches_per_epoch": self._len,
@@ -241,6 +279,7 @@ class TableLoader:
                     max_bytes=self.config.max_bytes_in_flight,
                 )
                 self._active = prefetcher
+                _OPEN_LOADERS.add(self)
                 for batch in prefetcher:
                     if batch is _STOPPED:
                         raise RuntimeError(
@@ -268,7 +307,7 @@ class TableLoader:
 
     def _produce(self, put: Callable[[Any, int], None], epoch: int, start_batch: int, segments: list[Segment]) -> None:
         cfg = self.config
-        B, S, R = cfg.batch_size, cfg.block_rows, self.rows_per_rank
+        B, S, R = cfg.batch_size, self.block_rows, self.rows_per_rank
         rows_out = min(R, self._len * B)  # rows handed out this epoch (drop_last cuts the tail)
         first = (start_batch * B) // S
         blocks = [k for k in range(first, -(-R // S)) if k * S < rows_out]
@@ -280,6 +319,7 @@ class TableLoader:
         # runs outside the GIL, so it overlaps with the Python work of batching.
         read_ahead = ThreadPoolExecutor(1, thread_name_prefix="sparkdl-loader-read")
         reader = self._reader
+        release = cfg.max_memory_bytes is not None
         try:
             pending = read_ahead.submit(reader.read, block_segments[blocks[0]]) if blocks else None
             for i, k in enumerate(blocks):
@@ -295,24 +335,29 @@ class TableLoader:
                 del table
                 if cfg.shuffle:
                     perm = block_permutation(hi - lo, seed=cfg.seed, epoch=epoch, rank=self.rank, block=k)
-                    block = permute_block(block, perm)
+                    permute_block(block, perm)
 
                     def where_out(row: int, _perm: np.ndarray = perm, _where: Callable[[int], str] = where) -> str:
                         return _where(int(_perm[row]))
                 else:
                     where_out = where
-                row_bytes = _row_bytes(block)
                 for b_lo in range(max(lo, start_batch * B), min(hi, rows_out), B):
                     b_hi = min(b_lo + B, hi, rows_out)
+                    # Batches are copies, not views of the block (see sparkdl/data/memory.py).
                     batch = cut_batch(block, self._decoders, b_lo - lo, b_hi - lo, where_out, pool, cfg.decode_threads)
-                    nbytes = row_bytes * (b_hi - b_lo)
                     if self._transform is not None:
                         batch = self._transform(batch)
-                        nbytes = _batch_bytes(batch)
                     if self._pin and isinstance(batch, Mapping):
                         batch = {k2: v.pin_memory() if isinstance(v, torch.Tensor) else v for k2, v in batch.items()}
-                    put(batch, nbytes)
+                    # Charged at what the batch holds (decoded images included), so that
+                    # max_bytes_in_flight bounds the memory the waiting batches really use.
+                    put(batch, _batch_bytes(batch))
+                    del batch
                 del block
+                if release:
+                    # Under a memory budget, hand the block's freed Arrow pages back to the OS now:
+                    # mimalloc otherwise keeps them a while, and the resident set outgrows the bound.
+                    pa.default_memory_pool().release_unused()
         finally:
             read_ahead.shutdown(wait=True, cancel_futures=True)
             reader.clear()

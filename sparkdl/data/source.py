@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from sparkdl.data.plan import Piece, Segment
 from sparkdl.errors import EmptyTableError, LoaderError
 
-__all__ = ["TableSource", "resolve_source", "list_pieces", "PieceReader"]
+__all__ = ["TableSource", "resolve_source", "list_pieces", "PieceReader", "s3_filesystem"]
 
 _LOCAL_SCHEMES = ("", "file")
 # Schemes whose filesystem paths carry no host part (the host is the cluster, not a bucket).
@@ -61,11 +61,52 @@ def _pyarrow_uri(uri: str) -> str:
     return uri
 
 
-def _filesystem_for(files: Sequence[str], filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, list[str]]:
+# deltalake (object_store) storage option keys -> pyarrow.fs.S3FileSystem arguments.
+_S3_OPTIONS = {
+    "aws_access_key_id": "access_key", "access_key_id": "access_key",
+    "aws_secret_access_key": "secret_key", "secret_access_key": "secret_key",
+    "aws_session_token": "session_token", "session_token": "session_token", "aws_token": "session_token",
+    "aws_region": "region", "region": "region", "aws_default_region": "region",
+    "aws_endpoint_url": "endpoint_override", "aws_endpoint": "endpoint_override", "endpoint": "endpoint_override",
+    "endpoint_url": "endpoint_override",
+}
+_S3_SCHEMES = ("s3", "s3a", "s3n")
+
+
+def s3_filesystem(storage_options: Mapping[str, str]) -> pafs.S3FileSystem:
+    """A ``pyarrow.fs.S3FileSystem`` configured by deltalake-style S3 ``storage_options`` (keys
+    ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
+    ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``; any case); other keys are ignored."""
+    kwargs: dict[str, str] = {}
+    allow_http = False
+    for key, value in storage_options.items():
+        k = key.lower()
+        if k in _S3_OPTIONS:
+            kwargs[_S3_OPTIONS[k]] = str(value)
+        elif k in ("aws_allow_http", "allow_http"):
+            allow_http = str(value).lower() in ("1", "true", "yes")
+    endpoint = kwargs.get("endpoint_override")
+    if endpoint is not None:
+        parsed = urlparse(endpoint)
+        if parsed.scheme in ("http", "https"):
+            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            kwargs["scheme"] = parsed.scheme
+        elif allow_http:
+            kwargs["scheme"] = "http"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _filesystem_for(
+    files: Sequence[str], filesystem: pafs.FileSystem | None, storage_options: Mapping[str, str] | None = None
+) -> tuple[pafs.FileSystem, list[str]]:
     if filesystem is None:
         scheme = urlparse(files[0]).scheme
         if scheme in _LOCAL_SCHEMES:
             filesystem = pafs.LocalFileSystem()
+        elif scheme in _S3_SCHEMES and storage_options:
+            # The Delta log is read with storage_options; the data files must see the same
+            # credentials and endpoint (e.g. MinIO), not the default AWS chain.
+            filesystem = s3_filesystem(storage_options)
         else:
             try:
                 filesystem, _ = pafs.FileSystem.from_uri(_pyarrow_uri(files[0]))
@@ -76,6 +117,15 @@ def _filesystem_for(files: Sequence[str], filesystem: pafs.FileSystem | None) ->
                     "wrapped as pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))"
                 ) from e
     return filesystem, [_fs_path(_pyarrow_uri(f)) for f in files]
+
+
+def _remote_hint(path: str) -> str:
+    if urlparse(path).scheme in _LOCAL_SCHEMES:
+        return ""
+    return (
+        "; the data files are read through pyarrow.fs, not deltalake: pass TableLoader(filesystem=...) "
+        "configured for this store (S3 storage_options are mapped to pyarrow.fs.S3FileSystem)"
+    )
 
 
 def _partition_expression(values: Mapping[str, str | None], schema: pa.Schema) -> ds.Expression | None:
@@ -107,7 +157,11 @@ def resolve_source(
     fmt = ds.ParquetFileFormat()
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if text.endswith(".parquet") and os.path.isfile(text):
+        # A remote *.parquet URI is taken as one file (isfile cannot look there); a Delta
+        # table's root is a folder, whose name rarely ends in .parquet.
+        scheme = urlparse(text).scheme
+        remote = scheme not in _LOCAL_SCHEMES and len(scheme) > 1
+        if text.endswith(".parquet") and (remote or os.path.isfile(_fs_path(text))):
             source = [text]
         else:
             return _resolve_delta(text, version, storage_options, filesystem, fmt)
@@ -116,11 +170,13 @@ def resolve_source(
         raise ValueError("version= applies to a Delta table; a list of Parquet files has no versions")
     if not files:
         raise EmptyTableError("the list of Parquet files is empty; pass at least one file")
-    fs, paths = _filesystem_for(files, filesystem)
+    fs, paths = _filesystem_for(files, filesystem, storage_options)
     try:
         schema = ds.dataset(paths, format=fmt, filesystem=fs).schema
     except (FileNotFoundError, pa.ArrowInvalid, OSError) as e:
-        raise LoaderError(f"cannot open the Parquet files {files[:3]}{'...' if len(files) > 3 else ''}: {e}") from e
+        raise LoaderError(
+            f"cannot open the Parquet files {files[:3]}{'...' if len(files) > 3 else ''}: {e}{_remote_hint(files[0])}"
+        ) from e
     fragments = [fmt.make_fragment(p, filesystem=fs) for p in paths]
     return TableSource(uri=None, version=None, files=files, schema=schema, fragments=fragments)
 
@@ -141,7 +197,7 @@ def _resolve_delta(
     # order the Delta log replay lists the files in.
     listed = sorted(zip(snap.files, snap.partition_values), key=lambda fp: fp[0])
     files = [f for f, _ in listed]
-    fs, paths = _filesystem_for(files, filesystem)
+    fs, paths = _filesystem_for(files, filesystem, storage_options)
     schema = snap.schema
     fragments = [
         fmt.make_fragment(p, filesystem=fs, partition_expression=_partition_expression(pv, schema))
@@ -166,7 +222,9 @@ def list_pieces(
         try:
             frag.ensure_complete_metadata()
         except (OSError, pa.ArrowInvalid) as e:
-            raise LoaderError(f"cannot read the Parquet footer of {source.files[i]}: {e}") from e
+            raise LoaderError(
+                f"cannot read the Parquet footer of {source.files[i]}: {e}{_remote_hint(source.files[i])}"
+            ) from e
         starts, pos = {}, 0
         for rg in frag.row_groups:
             starts[rg.id] = pos
@@ -228,9 +286,8 @@ class PieceReader:
                 schema=self._source.schema, columns=self._columns, filter=self._filter, use_threads=True
             )
         except (OSError, pa.ArrowInvalid) as e:
-            raise LoaderError(
-                f"cannot read row group {piece.row_group} of {self._source.files[piece.file]}: {e}"
-            ) from e
+            where = self._source.files[piece.file]
+            raise LoaderError(f"cannot read row group {piece.row_group} of {where}: {e}{_remote_hint(where)}") from e
         if table.num_rows != piece.num_rows:
             raise LoaderError(
                 f"row group {piece.row_group} of {self._source.files[piece.file]} has {table.num_rows} "
