@@ -19,6 +19,7 @@ __all__ = [
     "ClusterCapacityError",
     "RankFailedError",
     "NonFiniteLossError",
+    "NonFiniteGradientError",
     "ModelNotFoundError",
     "MissingColumnsError",
 ]
@@ -95,6 +96,23 @@ class NonFiniteLossError(SparkDLError, FloatingPointError):
         super().__init__(
             f"loss became {loss} at step {step}; lower the learning rate, enable gradient "
             f"clipping (--grad-clip) or check the input for NaN features{kept}"
+        )
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """The loss was finite but the gradients (or the updated parameters) were not."""
+
+    def __init__(self, step: int, what: str, value: float, checkpoint: str | None) -> None:
+        self.step = step
+        self.what = what
+        self.loss = value
+        self.checkpoint = checkpoint
+        kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
+        SparkDLError.__init__(
+            self,
+            f"{what} became {value} at step {step} while the loss was finite. "
+            f"Lower the learning rate, enable gradient clipping (--grad-clip) or check the model for "
+            f"overflowing layers{kept}",
         )
 
 

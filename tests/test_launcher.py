@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -74,6 +75,18 @@ def _flaky_rank1() -> tuple[int, float]:
     t = torch.ones(1)
     dist.all_reduce(t)
     return ctx.attempt, t.item()
+
+
+def _bad_config_on_rank1() -> str:
+    import torch
+    import torch.distributed as dist
+
+    if rank_context().rank == 1:
+        e = ValueError(f"bad setting (attempt {rank_context().attempt})")
+        e._sparkdl_no_retry = True
+        raise e
+    dist.all_reduce(torch.ones(1))
+    return "unreachable"
 
 
 def _report_steps(n: int) -> int:
@@ -189,6 +202,13 @@ def test_failed_attempt_relaunches_the_stage(spark, caplog):
     assert any("attempt 1 of 2 failed on rank 1" in r.getMessage() for r in caplog.records)
 
 
+def test_a_failure_marked_not_retryable_is_raised_without_relaunching():
+    cfg = LaunchConfig(num_ranks=2, local_mode=True, max_attempts=3, pg_timeout_s=60)
+    with pytest.raises(RankFailedError) as info:
+        run_distributed(_bad_config_on_rank1, config=cfg)
+    assert info.value.rank == 1 and info.value.attempt == 0 and "bad setting (attempt 0)" in info.value.error
+
+
 def test_local_mode_retry():
     cfg = LaunchConfig(num_ranks=2, local_mode=True, max_attempts=2, pg_timeout_s=60)
     assert run_distributed(_flaky_rank1, config=cfg) == (1, 2.0)
@@ -222,20 +242,32 @@ def test_progress_events_in_local_mode_and_broken_callback_does_not_fail_run():
 
 
 _CLUSTER_SCRIPT = textwrap.dedent("""
+    import time
     import torch, torch.distributed as dist
+    from pyspark import BarrierTaskContext
     from pyspark.sql import SparkSession
+    from sparkdl.errors import ClusterCapacityError
     from sparkdl.train import LaunchConfig, rank_context, run_distributed
 
     def step():
         ctx = rank_context()
         t = torch.tensor([ctx.rank + 1.0])
         dist.all_reduce(t)
-        return t.item(), ctx.world_size, ctx.local_rank
+        # Each task's executor (host:port of its block manager): distinct executors, distinct ports.
+        me = BarrierTaskContext.get().getTaskInfos()[ctx.rank].address
+        seen = [None] * ctx.world_size
+        dist.all_gather_object(seen, (ctx.rank, me))
+        return t.item(), ctx.world_size, seen
 
     spark = SparkSession.builder.getOrCreate()
     try:
         out = run_distributed(step, spark=spark, config=LaunchConfig(num_ranks=2, start_timeout_s=120))
         print("RESULT", out, flush=True)
+        start = time.monotonic()
+        try:
+            run_distributed(step, spark=spark, config=LaunchConfig(num_ranks=3, start_timeout_s=300))
+        except ClusterCapacityError as e:
+            print("CAPACITY", round(time.monotonic() - start), str(e), flush=True)
     finally:
         spark.stop()
 """)
@@ -259,5 +291,13 @@ def test_two_executor_cluster_via_spark_submit(tmp_path):
         env=env, capture_output=True, text=True, timeout=280, cwd=str(ROOT),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # Two executors with one core each: the ranks are on separate executors of one host.
-    assert "RESULT (3.0, 2, 0)" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert result is not None, proc.stdout[-2000:] + proc.stderr[-2000:]
+    total, world, seen = ast.literal_eval(result[len("RESULT "):])
+    assert (total, world) == (3.0, 2)
+    # Two executors with one core each: the two ranks ran on two different executors.
+    assert [rank for rank, _ in seen] == [0, 1] and len({address for _, address in seen}) == 2, seen
+    # Both expected executors are registered: 3 ranks fail at once, not after the 300 s timeout.
+    capacity = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CAPACITY ")), "")
+    assert "3 ranks requested" in capacity and "only 2" in capacity, proc.stdout[-2000:]
+    assert int(capacity.split()[1]) < 60, capacity

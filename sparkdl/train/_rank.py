@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from pyspark import cloudpickle
 
+from sparkdl._gpu import cuda_ordinal
 from sparkdl.train import context as _context
 from sparkdl.train._progress_channel import ProgressClient
 
@@ -38,8 +39,10 @@ def failure_text(info: dict) -> str:
 
 
 def _failure_info(rank: int, attempt: int, e: BaseException) -> dict:
+    # An exception marked ``_sparkdl_no_retry`` (e.g. a bad config found while setting up) would
+    # only fail again: the driver raises it at once instead of relaunching the stage.
     return {"rank": rank, "attempt": attempt, "time": time.time(), "error": f"{type(e).__name__}: {e}",
-            "traceback": traceback.format_exc()}
+            "traceback": traceback.format_exc(), "retry": not getattr(e, "_sparkdl_no_retry", False)}
 
 
 def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, master_addr: str,
@@ -58,6 +61,11 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
         raise RuntimeError(failure_text(_failure_info(rank, attempt, e))) from None
     saved_env = {k: os.environ.get(k) for k in (*_ENV_KEYS, *spec["env"])}
     saved_threads = torch.get_num_threads()
+    # Process-wide torch state a training function may change; Python workers are reused.
+    saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                           torch.is_deterministic_algorithms_warn_only_enabled())
+    saved_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    saved_rng = torch.get_rng_state()
     backend = spec["backend"]
     reporter = ProgressClient(spec["progress"], rank, attempt) if spec.get("progress") else None
     try:
@@ -68,7 +76,9 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
             torch.set_num_threads(spec["torch_threads"])
             os.environ["OMP_NUM_THREADS"] = str(spec["torch_threads"])
         if backend == "nccl":
-            device = torch.device(f"cuda:{gpu if gpu is not None else local_rank}")
+            # A Spark gpu address is a physical id; under CUDA_VISIBLE_DEVICES this process sees
+            # the GPUs renumbered from 0. Local mode: one GPU per local rank.
+            device = torch.device("cuda", cuda_ordinal(gpu) if gpu is not None else local_rank)
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
@@ -95,6 +105,9 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
             dist.destroy_process_group()
         # Python workers are reused: leave no rank identity behind for the next task.
         torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved_cudnn
+        torch.set_rng_state(saved_rng)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

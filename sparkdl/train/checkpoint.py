@@ -1,34 +1,53 @@
-"""Atomic checkpoints under ``<run_dir>/checkpoints/step-<N>.pt``.
+"""Checkpoints under ``<run_dir>/checkpoints/step-<N>.pt``, through ``sparkdl._fs``.
 
-Written to a temp file and renamed, so a crash mid-write never leaves a truncated
-checkpoint that a resume would pick up; the last few are kept.
+A checkpoint is serialized to bytes in memory and written with ``_fs.write_bytes`` (a
+temporary object moved into place), so a crash mid-write never leaves a truncated
+checkpoint that a resume would pick up, on a local disk or an object store alike. The last
+``KEEP`` are kept. Checkpoints hold numpy and Python RNG states, so they are loaded with
+``weights_only=False``: they are the run's own files, never a published model.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import io
+import re
 from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "KEEP"]
+from sparkdl import _fs
+
+__all__ = ["KEEP", "checkpoint_uri", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 KEEP = 3
+_NAME_RE = re.compile(r"step-(\d{9})\.pt")
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> str:
-    d = Path(run_dir) / "checkpoints"
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / f"step-{step:09d}.pt"
-    tmp = d / f".step-{step:09d}.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, final)
-    for old in sorted(d.glob("step-*.pt"))[:-KEEP]:
-        old.unlink(missing_ok=True)
-    return str(final)
+def checkpoint_uri(run_dir: str, step: int) -> str:
+    return _fs.join(run_dir, "checkpoints", f"step-{step:09d}.pt")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = sorted((Path(run_dir) / "checkpoints").glob("step-*.pt"))
-    return found[-1] if found else None
+def _steps(run_dir: str) -> list[int]:
+    names = _fs.listdir(_fs.join(run_dir, "checkpoints"))
+    return sorted(int(m.group(1)) for m in map(_NAME_RE.fullmatch, names) if m)
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
+    """Write ``state`` as the checkpoint of ``step``; drop all but the last ``KEEP``; returns its URI."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    uri = checkpoint_uri(run_dir, step)
+    _fs.write_bytes(uri, buf.getvalue())
+    for old in _steps(run_dir)[:-KEEP]:
+        _fs.delete(checkpoint_uri(run_dir, old))
+    return uri
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    steps = _steps(run_dir)
+    return checkpoint_uri(run_dir, steps[-1]) if steps else None
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    """The state saved by ``save_checkpoint`` (tensors on the CPU)."""
+    return torch.load(io.BytesIO(_fs.read_bytes(uri)), map_location="cpu", weights_only=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +14,9 @@ OPTIMIZERS = ("sgd", "adagrad", "adam", "adamw")
 COMPRESSION = ("none", "fp16", "bf16", "powersgd")
 PRECISION = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "linear")
+FAULT_KINDS = ("exit", "raise", "nan", "inf_grad")
+# Names that become one folder under runs/ or models/: no separators, no leading dot.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(kw_only=True)
@@ -19,7 +24,7 @@ class TrainConfig:
     """A training run."""
 
     lakehouse: str = "lakehouse"
-    """Lakehouse root: tables are read from, runs and models written under it."""
+    """Lakehouse root (a folder or a URI: file://, s3a://, gs://, hdfs://): tables are read from it, runs and models written under it."""
     train_table: str
     """Training table: a name under <lakehouse>/tables or a Delta URI."""
     valid_table: str | None = None
@@ -29,7 +34,7 @@ class TrainConfig:
     valid_version: int | None = None
     """Version of the validation table; None = latest."""
     model: str = "flights_mlp"
-    """Registered model name or 'module:factory'."""
+    """Registered model name or 'module:factory'; the model's 'task' attribute (binary or multiclass) picks the loss, binary when absent."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Factory arguments; for flights_mlp, features and cardinalities come from the table's spec."""
     label_column: str | None = None
@@ -41,21 +46,23 @@ class TrainConfig:
     epochs: int = 1
     """Passes over the training table."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (for smoke runs)."""
+    """Stop after this many optimizer steps (for smoke runs); None = all epochs."""
+    shuffle: bool = True
+    """Reshuffle the training rows every epoch; off = table order, each rank a contiguous range (exact comparisons)."""
     optimizer: str = "adamw"
     """sgd, adagrad, adam or adamw."""
     lr: float = 1e-3
     """Peak learning rate."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum, in [0, 1); 0 is plain SGD."""
     weight_decay: float = 0.0
-    """Weight decay."""
+    """Weight decay (>= 0)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     lr_schedule: str = "constant"
     """After warm-up: constant, cosine or linear decay to 0 at the last step."""
     grad_clip: float | None = None
-    """Clip the global gradient norm to this value."""
+    """Clip the global gradient norm to this value (> 0); None = no clipping."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step; gradients are not all-reduced on the micro-steps (no_sync)."""
     compression: str = "none"
@@ -69,50 +76,99 @@ class TrainConfig:
     local_mode: bool = False
     """Ranks as processes on this machine instead of Spark barrier tasks."""
     use_gpu: bool = False
-    """NCCL on the executors' GPUs."""
+    """NCCL on the executors' GPUs (local mode: cuda:<local rank>)."""
     checkpoint_every: int = 200
     """Checkpoint every K optimizer steps (and at each epoch end)."""
     max_attempts: int = 2
     """Stage attempts: after a rank or executor dies, training resumes from the last checkpoint."""
+    start_timeout_s: float = 60.0
+    """Seconds to wait for executors to offer num_ranks task slots on a cluster (a local master fails at once)."""
     seed: int = 0
-    """Seed of the model init, the loader's shuffles and dropout."""
+    """Seed of the model init, the loader's shuffles and dropout (dropout uses seed + rank)."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms: resumed runs end with bit-identical parameters."""
+    """torch.use_deterministic_algorithms: a resumed run ends with bit-identical parameters."""
     shuffle_buffer_rows: int = 65_536
     """Loader shuffle window in rows."""
     run_id: str | None = None
-    """Run folder name under <lakehouse>/runs; None = a new id."""
+    """Run folder name under <lakehouse>/runs (letters, digits, '.', '_', '-'); None = a new id."""
     resume: bool = False
     """Continue run_id from its last checkpoint."""
     model_name: str | None = None
-    """Publish the model under this name; None = do not publish."""
+    """Publish the model under this name (letters, digits, '.', '_', '-'); None = do not publish."""
     fault_injection: dict[str, Any] | None = None
-    """Test hook: {"rank": r, "step": s, "attempt": a, "kind": "exit"|"raise"|"nan"}."""
+    """Test hook: {"rank": r, "step": s, "attempt": a, "kind": "exit"|"raise"|"nan"|"inf_grad"}."""
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
 
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"use one of {list(OPTIMIZERS)}")
-        if self.compression not in COMPRESSION:
-            raise bad("compression", f"use one of {list(COMPRESSION)}")
-        if self.precision not in PRECISION:
-            raise bad("precision", f"use one of {list(PRECISION)}")
-        if self.lr_schedule not in SCHEDULES:
-            raise bad("lr_schedule", f"use one of {list(SCHEDULES)}")
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("lakehouse", "train_table", "model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise bad(name, "must be a non-empty string")
+        for name, options in (("optimizer", OPTIMIZERS), ("compression", COMPRESSION), ("precision", PRECISION),
+                              ("lr_schedule", SCHEDULES)):
+            if getattr(self, name) not in options:
+                raise bad(name, f"use one of {list(options)}")
         if self.precision == "fp16" and not self.use_gpu:
             raise bad("precision", "fp16 autocast needs a GPU (use_gpu=True); use bf16 on CPU")
         if self.compression == "bf16" and not self.use_gpu:
             raise bad("compression", "bf16 gradient compression needs NCCL (use_gpu=True); use fp16 or powersgd on CPU")
         if self.sync_batchnorm and not self.use_gpu:
             raise bad("sync_batchnorm", "SyncBatchNorm runs on GPU modules only; set use_gpu=True or turn it off")
-        for name in ("batch_size", "epochs", "num_ranks", "accumulation_steps", "checkpoint_every", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be at least 1")
-        if self.lr <= 0:
-            raise bad("lr", "must be positive, e.g. 1e-3")
+        for name in ("batch_size", "epochs", "num_ranks", "accumulation_steps", "checkpoint_every", "max_attempts",
+                     "shuffle_buffer_rows"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "must be an integer of at least 1")
+        for name in ("warmup_steps", "seed"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be an integer of at least 0")
+        for name in ("train_version", "valid_version"):
+            if getattr(self, name) is not None and (not is_int(getattr(self, name)) or getattr(self, name) < 0):
+                raise bad(name, "must be a table version (an integer >= 0) or None for the latest")
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
+            raise bad("max_steps", "must be at least 1 (None trains all epochs)")
+        if not is_num(self.lr) or self.lr <= 0:
+            raise bad("lr", "must be a positive finite number, e.g. 1e-3")
+        if not is_num(self.momentum) or not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1), e.g. 0.9 (0 = plain SGD)")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", "must be a finite number >= 0")
+        if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
+            raise bad("grad_clip", "must be a positive max norm, e.g. 1.0; None turns clipping off")
+        if not is_num(self.start_timeout_s) or self.start_timeout_s < 0:
+            raise bad("start_timeout_s", "must be a number of seconds >= 0")
+        if not isinstance(self.model_kwargs, dict):
+            raise bad("model_kwargs", "must be a dict of factory arguments")
+        if self.feature_columns is not None and (
+                isinstance(self.feature_columns, str) or not self.feature_columns
+                or not all(isinstance(c, str) for c in self.feature_columns)):
+            raise bad("feature_columns", "must be a non-empty list of column names, or None for the role=feature columns")
+        for name in ("run_id", "model_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not NAME_RE.fullmatch(value)):
+                raise bad(name, "use letters, digits, '.', '_' and '-' only, starting with a letter or digit "
+                                "(it names one folder in the lakehouse)")
         if self.resume and not self.run_id:
             raise bad("resume", "resume needs run_id (the run to continue)")
+        self._check_fault_injection()
         if self.run_id is None:
             self.run_id = "run-" + uuid.uuid4().hex[:10]
+
+    def _check_fault_injection(self) -> None:
+        fi = self.fault_injection
+        if fi is None:
+            return
+        fix = ('use {"rank": r, "step": s (>= 1), "attempt": a, "kind": one of '
+               f"{list(FAULT_KINDS)}}}")
+        if not isinstance(fi, dict) or set(fi) - {"rank", "step", "attempt", "kind"}:
+            raise ValueError(f"fault_injection={fi!r} is invalid: {fix}")
+        if fi.get("kind") not in FAULT_KINDS or not isinstance(fi.get("step"), int) or fi["step"] < 1:
+            raise ValueError(f"fault_injection={fi!r} is invalid: {fix}")
+        if not 0 <= fi.get("rank", 0) < self.num_ranks:
+            raise ValueError(f"fault_injection={fi!r} is invalid: rank must be in 0..{self.num_ranks - 1}")

@@ -1,18 +1,21 @@
-"""Driver side of training: resolve tables and model, launch the ranks, publish the model."""
+"""Driver side of training: check the config, table and model, launch the ranks, publish the model."""
 
 from __future__ import annotations
 
+import io
 import json
-import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+from sparkdl import _fs
 from sparkdl.lakehouse import Lakehouse, normalize_uri, snapshot
+from sparkdl.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparkdl.train.config import TrainConfig
-from sparkdl.train.launcher import LaunchConfig, run_distributed
+from sparkdl.train.launcher import LaunchConfig, _check_capacity, run_distributed
 from sparkdl.train.loop import train_rank
+from sparkdl.train.metrics import read_step_metrics
+from sparkdl.train.progress import DriverProgress
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -22,26 +25,36 @@ __all__ = ["TrainResult", "fit"]
 
 @dataclass
 class TrainResult:
+    """What ``fit`` trained and where it put it."""
+
     run_id: str
     run_dir: str
+    """The run's folder (a local path or a URI): checkpoints, metrics.jsonl, curves.png."""
     model_name: str | None
     model_version: int | None
+    """Published version; None when model_name was not set."""
     metrics: dict[str, Any]
+    """The last epoch's row of ``history``."""
     history: list[dict[str, Any]]
+    """One row per epoch: epoch, step, train_loss, val_* (a max_steps stop adds partial=True)."""
     steps: int
     curves_png: str | None
     checkpoint: str | None
+    """The last checkpoint (load it with ``sparkdl.train.checkpoint.load_checkpoint``)."""
     elapsed: float
     lineage: dict[str, Any] = field(default_factory=dict)
+    step_metrics: str | None = None
+    """The run's per-step rows (metrics.jsonl: epoch, step, loss, lr, samples_per_s)."""
 
 
 def _uri(root: str, name: str) -> str:
     return normalize_uri(name) if ("/" in name or "://" in name) else Lakehouse(root).table(name)
 
 
-def _setup(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+    """Resolve tables and columns and build the model here, so that a bad config fails before launch."""
     train_uri = _uri(cfg.lakehouse, cfg.train_table)
-    snap = snapshot(train_uri, cfg.train_version)
+    snap = snapshot(train_uri, train_version)
     schema = snap.dataset_schema
     labels = [c.name for c in schema.with_role("label")]
     label = cfg.label_column or (labels[0] if labels else None)
@@ -63,119 +76,176 @@ def _setup(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
         features = spec.numeric_features + spec.categorical_features
     valid_uri = _uri(cfg.lakehouse, cfg.valid_table) if cfg.valid_table else None
     valid_version = snapshot(valid_uri, cfg.valid_version).version if valid_uri else None
+    model = _build_model(cfg, kwargs)
+    task = getattr(model, "task", "binary")
+    if task not in ("binary", "multiclass"):
+        raise ValueError(f"model {cfg.model!r} has task={task!r}; a model's task must be 'binary' or 'multiclass'")
+    needs = [c for c in getattr(model, "input_columns", None) or [] if c not in features]
+    if needs:
+        raise ValueError(f"model {cfg.model!r} reads columns {needs} that are not among the feature columns "
+                         f"{features}; pass feature_columns=")
+    # Recorded with the published model, so inference can decode its inputs even when the
+    # training table is gone and the scored table declares no codecs or shapes.
+    declared = {c.name: c for c in schema.columns if c.name in features}
     setup = {"train_uri": train_uri, "train_version": snap.version, "valid_uri": valid_uri,
              "valid_version": valid_version, "feature_columns": features, "label_column": label,
-             "model_kwargs": kwargs}
+             "model_kwargs": kwargs, "task": task,
+             "input_codecs": {n: c.codec for n, c in declared.items() if c.codec != "raw"},
+             "input_shapes": {n: list(c.shape) for n, c in declared.items() if c.shape}}
+    _dry_run(cfg, setup, model)
     lineage = {"train_table": {"uri": train_uri, "version": snap.version}}
     if valid_uri:
         lineage["valid_table"] = {"uri": valid_uri, "version": valid_version}
-    return setup, lineage, spec_json
+    return setup, lineage, spec_json, model
 
 
-def _follow(path: Path, stop: threading.Event) -> None:
-    """Driver-side progress bar fed by rank 0's metrics log (terminal and notebook)."""
-    from tqdm.auto import tqdm
+def _build_model(cfg: TrainConfig, kwargs: dict[str, Any]):
+    from sparkdl.models import build_model
 
-    bar, pos = None, 0
-    while not stop.is_set():
-        time.sleep(0.5)
-        if not path.exists():
-            continue
-        with open(path) as f:
-            f.seek(pos)
-            lines = f.readlines()
-            pos = f.tell()
-        for line in lines:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if bar is None:
-                bar = tqdm(total=ev["total_steps"], desc="train", unit="step", initial=ev["step"] - 1)
-            bar.n = ev["step"]
-            bar.set_postfix(epoch=ev["epoch"], loss=f"{ev['loss']:.4f}", samples_s=f"{ev['samples_per_s']:.0f}")
-    if bar is not None:
-        bar.close()
+    try:
+        return build_model(cfg.model, **kwargs)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"model={cfg.model!r} cannot be built with model_kwargs {cfg.model_kwargs}: "
+                         f"{type(e).__name__}: {e}") from e
 
 
-def _curves(run_dir: Path, history: list[dict[str, Any]]) -> str | None:
-    import matplotlib
+def _dry_run(cfg: TrainConfig, setup: dict[str, Any], model: Any) -> None:
+    """One forward pass on two training rows: wrong columns, shapes or kwargs fail here, not on N ranks."""
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from sparkdl.data import LoaderConfig, TableLoader
 
-    path = run_dir / "metrics.jsonl"
-    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    columns = setup["feature_columns"] + [setup["label_column"]]
+    with TableLoader(setup["train_uri"], version=setup["train_version"],
+                     config=LoaderConfig(batch_size=2, columns=columns, shuffle=False, drop_last=False,
+                                         prefetch_batches=1)) as loader:
+        batch = next(iter(loader))
+    try:
+        with torch.inference_mode():
+            model.eval()(batch)
+    except Exception as e:
+        raise ValueError(f"model {cfg.model!r} fails on a batch of {setup['train_uri']} (columns {columns}): "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def _resume_state(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
+    """The latest checkpoint of the run to continue, checked against the config before launch."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ValueError(f"resume=True but run {cfg.run_id} has no checkpoint under {run_dir} (it stopped before "
+                         "its first one); start again under a new run_id, or delete the run folder")
+    state = load_checkpoint(ckpt)
+    loader = state["loaders"][0]
+    for name, saved, now in (("num_ranks", len(state["loaders"]), cfg.num_ranks),
+                             ("batch_size", loader["batch_size"], cfg.batch_size),
+                             ("shuffle", loader["shuffle"], cfg.shuffle), ("seed", loader["seed"], cfg.seed),
+                             ("shuffle_buffer_rows", loader["shuffle_buffer_rows"], cfg.shuffle_buffer_rows),
+                             ("train_version", loader["version"], cfg.train_version or loader["version"])):
+        if saved != now:
+            raise ValueError(f"run {cfg.run_id} was checkpointed with {name}={saved!r} but the config has "
+                             f"{name}={now!r}; resume with {name}={saved!r}")
+    return {"history": state["history"], "train_version": loader["version"], "step": state["step"]}
+
+
+def _curves(run_dir: str, steps: list[dict[str, Any]], history: list[dict[str, Any]]) -> str | None:
+    # No pyplot: it would switch the process's backend and break inline plots in notebooks.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     if not steps:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     axes[0].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8)
     axes[0].set(title="training loss", xlabel="step")
-    for key in ("val_loss", "val_accuracy", "val_auc"):
+    for key in ("val_loss", "val_accuracy", "val_auc", "train_loss"):
         pts = [(h["epoch"], h[key]) for h in history if key in h]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=key)
-    axes[1].set(title="validation", xlabel="epoch")
+    axes[1].set(title="per epoch", xlabel="epoch")
     if axes[1].lines:
         axes[1].legend()
     fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return str(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    out = _fs.join(run_dir, "curves.png")
+    _fs.write_bytes(out, buf.getvalue())
+    return out
 
 
-def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids: str | None = None) -> TrainResult:
+def _nonfinite_error(bad: dict[str, Any]) -> Exception:
+    from sparkdl.errors import NonFiniteGradientError, NonFiniteLossError
+
+    if bad["what"] == "loss":
+        return NonFiniteLossError(bad["step"], bad["value"], bad["checkpoint"])
+    return NonFiniteGradientError(bad["step"], bad["what"], bad["value"], bad["checkpoint"])
+
+
+def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids: str | None = None,
+        on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
     """Train ``config.model`` on the ranks and publish it when ``config.model_name`` is set.
 
-    A failed rank relaunches the stage (``max_attempts``) and training resumes from the last
-    checkpoint of the run; ``resume=True`` continues an earlier ``run_id`` the same way."""
+    The table, columns and model are checked (one forward pass) on the driver before any rank
+    starts. A failed rank relaunches the stage (``max_attempts``) and training resumes from the
+    last checkpoint of the run; ``resume=True`` continues an earlier ``run_id`` the same way.
+    ``on_epoch(row)`` is called on the driver with each epoch's history row as it arrives (on a
+    background thread; an exception in it is logged, not raised); ``progress`` shows a tqdm bar.
+    ``log_row_ids`` (tests): a column whose values each rank logs per step to the run folder."""
     start = time.perf_counter()
-    run_dir = Path(Lakehouse(config.lakehouse).run(config.run_id))
-    if run_dir.exists() and not config.resume:
+    if not config.local_mode and spark is None:
+        raise ValueError("fit needs spark= for barrier mode, or TrainConfig(local_mode=True)")
+    run_dir = Lakehouse(config.lakehouse).run(config.run_id)
+    exists = _fs.exists(run_dir)
+    if exists and not config.resume:
         raise ValueError(f"run {config.run_id} already exists at {run_dir}; pass resume=True to continue it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup, lineage, spec = _setup(config)
-    setup["run_dir"] = str(run_dir)
-    setup["log_row_ids"] = log_row_ids
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(run_dir / "metrics.jsonl", stop), daemon=True)
-    follower.start()
+    if config.resume and not exists:
+        raise ValueError(f"resume=True but there is no run {config.run_id} at {run_dir}; drop resume to start it")
+    if log_row_ids and _fs.local_path(run_dir) is None:
+        raise ValueError("log_row_ids needs a local lakehouse (it appends to files in the run folder)")
+    earlier = _resume_state(config, run_dir) if config.resume else None
+    setup, lineage, spec, model = _setup(config, earlier["train_version"] if earlier else config.train_version)
+    setup.update(run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
+    launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
+                          max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env)
+    if not config.local_mode:
+        _check_capacity(spark, launch)
+    if not exists:  # only now: a config that fails the checks above leaves no run folder behind
+        _fs.write_text(_fs.join(run_dir, "config.json"), json.dumps(asdict(config), indent=2, default=str))
+    display = DriverProgress(on_epoch=on_epoch, earlier=earlier["history"] if earlier else [], show=progress)
+    out: dict[str, Any] | None = None
     try:
         out = run_distributed(
-            train_rank, config, setup, spark=None if config.local_mode else spark,
-            config=LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
-                                max_attempts=config.max_attempts),
-        )
+            train_rank, config, setup, spark=None if config.local_mode else spark, on_progress=display, config=launch)
     finally:
-        stop.set()
-        follower.join(timeout=5)
+        display.finish(out.get("history") if out and "nonfinite" not in out else None)
+    steps = read_step_metrics(run_dir)
+    step_log = _fs.join(run_dir, "metrics.jsonl")
+    _fs.write_text(step_log, "".join(json.dumps(r) + "\n" for r in steps))
     if "nonfinite" in out:
-        from sparkdl.errors import NonFiniteLossError
-
-        bad = out["nonfinite"]
-        raise NonFiniteLossError(bad["step"], bad["loss"], bad["checkpoint"])
-    curves = _curves(run_dir, out["history"])
+        raise _nonfinite_error(out["nonfinite"])
+    curves = _curves(run_dir, steps, out["history"])
     version = None
     if config.model_name:
         import torch
 
-        from sparkdl.models import build_model
         from sparkdl.registry import publish_model
 
-        model = build_model(config.model, **setup["model_kwargs"])
         model.load_state_dict(out["state_dict"])
         mv = publish_model(
             config.lakehouse, config.model_name, model=model,
             model_config={"factory": config.model, "kwargs": setup["model_kwargs"],
                           "input_columns": setup["feature_columns"], "label_column": setup["label_column"],
-                          "torch": torch.__version__},
+                          "task": setup["task"], "input_codecs": setup["input_codecs"],
+                          "input_shapes": setup["input_shapes"], "torch": torch.__version__},
             training_config=asdict(config), lineage={**lineage, "run_id": config.run_id},
             metrics=out["metrics"], preprocessing=spec, extra_files={"curves.png": curves} if curves else None,
         )
         version = mv.version
-    return TrainResult(run_id=config.run_id, run_dir=str(run_dir), model_name=config.model_name,
+    return TrainResult(run_id=config.run_id, run_dir=run_dir, model_name=config.model_name,
                        model_version=version, metrics=out["metrics"], history=out["history"], steps=out["steps"],
                        curves_png=curves, checkpoint=out["checkpoint"], elapsed=time.perf_counter() - start,
-                       lineage=lineage)
+                       lineage=lineage, step_metrics=step_log)

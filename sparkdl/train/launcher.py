@@ -55,7 +55,9 @@ class LaunchConfig:
     max_attempts: int = 1
     """The whole stage is relaunched up to this many times; the training loop resumes from its checkpoint."""
     start_timeout_s: float = 60.0
-    """How long to wait for executors to offer num_ranks slots before ClusterCapacityError."""
+    """How long to wait for executors to offer num_ranks slots before ClusterCapacityError; a local
+    master fails at once, and so does a cluster whose expected executors (local-cluster[N,..], or
+    spark.executor.instances with dynamic allocation off) have all registered."""
     pg_timeout_s: float = 600.0
     """Timeout of torch.distributed collectives: a rank stuck this long fails the run instead of hanging."""
     torch_threads: int | None = 1
@@ -100,7 +102,9 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     ``sparkdl.train._progress_channel``) that closes when this function returns.
 
     Raises ``RankFailedError`` (rank, error, traceback, attempt) when a rank fails on the last
-    attempt; earlier failures relaunch all ranks (``rank_context().attempt`` counts them).
+    attempt; earlier failures relaunch all ranks (``rank_context().attempt`` counts them), except
+    an exception the function marked as not worth retrying (``e._sparkdl_no_retry = True``),
+    which is raised at once.
     Raises ``ClusterCapacityError`` at once when the cluster cannot host the ranks."""
     if not config.local_mode and spark is None:
         raise ValueError("run_distributed needs spark= for barrier mode, or config.local_mode=True")
@@ -120,9 +124,11 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
             try:
                 if config.local_mode:
                     return _run_local(payload, config, attempt, server)
+                if attempt > 0:  # a lost executor may not be back yet: wait for it, or fail clearly
+                    _check_capacity(spark, config)
                 return _run_barrier(spark, payload, config, attempt, server)
             except RankFailedError as e:
-                if attempt + 1 >= config.max_attempts:
+                if attempt + 1 >= config.max_attempts or not getattr(e, "retryable", True):
                     raise
                 log.warning("attempt %d of %d failed on rank %d (%s); relaunching all %d ranks",
                             attempt + 1, config.max_attempts, e.rank, e.error, config.num_ranks)
@@ -143,6 +149,23 @@ def _slots(spark: "SparkSession") -> int:
     return int(sc.maxNumConcurrentTasks(sc.resourceProfileManager().defaultResourceProfile()))
 
 
+def _registered_executors(spark: "SparkSession") -> int:
+    return max(0, int(spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()) - 1)  # minus the driver
+
+
+def _expected_executors(spark: "SparkSession") -> int | None:
+    """Executors the cluster will have once started, when that is known up front."""
+    sc = spark.sparkContext
+    m = re.match(r"local-cluster\[\s*(\d+)", sc.master)
+    if m:
+        return int(m.group(1))
+    conf = sc.getConf()
+    if (conf.get("spark.dynamicAllocation.enabled") or "false").strip().lower() == "true":
+        return None  # executors come and go with the load: only the timeout bounds the wait
+    instances = (conf.get("spark.executor.instances") or "").strip()
+    return int(instances) if instances.isdigit() else None
+
+
 def _check_capacity(spark: "SparkSession", config: LaunchConfig) -> None:
     sc = spark.sparkContext
     if config.use_gpu and not sc.getConf().get("spark.task.resource.gpu.amount"):
@@ -151,19 +174,29 @@ def _check_capacity(spark: "SparkSession", config: LaunchConfig) -> None:
             "start Spark with the gpu profile (spark-conf/gpu.conf) or set spark.task.resource.gpu.amount=1 "
             "and spark.executor.resource.gpu.amount"
         )
-    deadline = time.monotonic() + config.start_timeout_s
     slots = _slots(spark)
-    # Executors of local-cluster and real clusters register after the session starts; local[N] never grows.
-    while slots < config.num_ranks and time.monotonic() < deadline and not sc.master.startswith("local["):
-        time.sleep(0.5)
-        slots = _slots(spark)
+    waited = 0.0
+    # local / local[N] never grow: fail at once. Executors of other masters register after the
+    # session starts: wait for them, but only until all the expected ones are there.
+    if slots < config.num_ranks and sc.master != "local" and not sc.master.startswith("local["):
+        expected = _expected_executors(spark)
+        start = time.monotonic()
+        while slots < config.num_ranks and time.monotonic() - start < config.start_timeout_s:
+            if expected is not None and _registered_executors(spark) >= expected:
+                time.sleep(0.5)  # the last executor's slots can trail its registration
+                slots = _slots(spark)
+                break
+            time.sleep(0.5)
+            slots = _slots(spark)
+        waited = time.monotonic() - start
     if slots < config.num_ranks:
         gpu = " (and spark.executor.resource.gpu.amount / spark.task.resource.gpu.amount)" if config.use_gpu else ""
+        wait = (f" (after waiting {waited:.0f}s for executors; --start-timeout-s sets the limit)"
+                if waited >= 1 else "")
         raise ClusterCapacityError(
             f"{config.num_ranks} ranks requested but the cluster ({sc.master}) can run only {slots} barrier tasks "
-            f"at once (after waiting {config.start_timeout_s:g}s for executors); lower --num-ranks to {slots} or "
-            f"less, or add task slots: spark.executor.instances x spark.executor.cores / spark.task.cpus{gpu}, "
-            "or local[N] with N >= ranks for a local master"
+            f"at once{wait}; lower --num-ranks to {slots} or less, or add task slots: spark.executor.instances x "
+            f"spark.executor.cores / spark.task.cpus{gpu}, or local[N] with N >= ranks for a local master"
         )
 
 
@@ -196,8 +229,7 @@ def _diagnose(attempt: int, server: ProgressServer, text: str = "", reported: li
     failures = list(unique.values())
     own = sorted((f for f in failures if not _is_comm_error(f)), key=lambda f: f.get("time", 0.0))
     if own:
-        f = own[0]
-        return RankFailedError(int(f["rank"]), f["error"], f["traceback"], attempt)
+        return _rank_error(own[0], attempt)
     tail = "" if m else _spark_summary(text)  # with a marker, the text only repeats a peer's report
     peers = "".join(f"\nrank {f['rank']} then failed with: {f['error']}" for f in failures)
     if deaths:
@@ -205,9 +237,14 @@ def _diagnose(attempt: int, server: ProgressServer, text: str = "", reported: li
         detail = deaths[rank]
         return RankFailedError(rank, detail, (detail + peers + ("\n" + tail if tail else "")).strip(), attempt)
     if failures:
-        f = sorted(failures, key=lambda f: f.get("time", 0.0))[0]
-        return RankFailedError(int(f["rank"]), f["error"], f["traceback"], attempt)
+        return _rank_error(sorted(failures, key=lambda f: f.get("time", 0.0))[0], attempt)
     return RankFailedError(-1, "the launch failed before any rank reported", tail, attempt)
+
+
+def _rank_error(failure: dict, attempt: int) -> RankFailedError:
+    err = RankFailedError(int(failure["rank"]), failure["error"], failure["traceback"], attempt)
+    err.retryable = bool(failure.get("retry", True))  # False: the rank marked it deterministic
+    return err
 
 
 def _spark_summary(text: str, lines: int = 40) -> str:

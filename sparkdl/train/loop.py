@@ -1,61 +1,61 @@
 """The per-rank training function: loader -> DDP step -> checkpoints -> validation.
 
-Runs inside a rank started by ``run_distributed``; rank 0 writes checkpoints and metrics.
+Runs inside a rank started by ``run_distributed``. Rank 0 writes checkpoints and the per-step
+metrics (through ``sparkdl._fs``) and reports progress to the driver over the launcher's
+channel. Every collective runs on ``device`` tensors, so the same code serves gloo and NCCL.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import time
-from pathlib import Path
+from collections import deque
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparkdl.train.checkpoint import latest_checkpoint, save_checkpoint
+from sparkdl.train.checkpoint import checkpoint_uri, latest_checkpoint, load_checkpoint, save_checkpoint
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.context import rank_context
+from sparkdl.train.metrics import StepLog, validate
+from sparkdl.train.optim import build_optimizer, hook_state_dict, load_hook_state, lr_factor, register_comm_hook
 
 __all__ = ["train_rank"]
 
-
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+# Setup errors a relaunch would only repeat (bad config, model or checkpoint): not retried.
+_DETERMINISTIC = (ValueError, TypeError, LookupError, ImportError, AttributeError, NotImplementedError)
 
 
-def _schedule(cfg: TrainConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - cfg.warmup_steps)
-        frac = min(1.0, (step - cfg.warmup_steps) / span)
-        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1.0 - frac
-
-    return factor
+def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
+    """One rank's training run; rank 0 returns the final state dict, history and metrics
+    (or ``{"nonfinite": ...}`` when the loss, the gradients or the parameters stopped being finite)."""
+    run = _RankRun(cfg, setup)
+    try:
+        return run.run()
+    finally:
+        run.close()
 
 
-def _comm_hook(ddp, cfg: TrainConfig) -> None:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+class _NonFinite(Exception):
+    def __init__(self, step: int, what: str, value: float) -> None:
+        super().__init__(f"{what} became {value} at step {step}")
+        self.step, self.what, self.value = step, what, value
 
-    if cfg.compression == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif cfg.compression == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    elif cfg.compression == "powersgd":
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+class _Rate:
+    """Samples/s over the last few steps (not since start-up, which includes loading)."""
+
+    def __init__(self, window: int = 20) -> None:
+        self._points: deque[tuple[float, int]] = deque(maxlen=window + 1)
+
+    def __call__(self, samples: int) -> float:
+        self._points.append((time.perf_counter(), samples))
+        (t0, s0), (t1, s1) = self._points[0], self._points[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 def _loss_fn(task: str):
@@ -64,216 +64,268 @@ def _loss_fn(task: str):
     return lambda logits, y: torch.nn.functional.cross_entropy(logits, y.long())
 
 
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC by ranks (ties averaged)."""
-    pos = labels == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def _finite_stat(value: torch.Tensor) -> torch.Tensor:
+    """[is nan, is inf, value or 0] of a scalar, to all-reduce: every rank learns what any rank saw."""
+    v = value.double().reshape(())
+    return torch.stack([torch.isnan(v).double(), torch.isinf(v).double(), torch.nan_to_num(v, 0.0, 0.0, 0.0)])
 
 
-def _validate(model, loader, label: str, task: str, device) -> dict[str, float]:
-    """Loss, accuracy (and AUC for binary labels) over all ranks' validation shards."""
-    loss_fn = _loss_fn(task)
-    model.eval()
-    total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
-    scores, labels = [], []
-    with torch.inference_mode():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            y = batch[label]
-            logits = model(batch).float()
-            total[0] += float(loss_fn(logits, y)) * len(y)
-            pred = (logits > 0).long() if task == "binary" else logits.argmax(-1)
-            total[1] += float((pred.cpu() == y.cpu().long()).sum())
-            total[2] += len(y)
-            if task == "binary":
-                scores.append(torch.sigmoid(logits).cpu().numpy())
-                labels.append(y.cpu().numpy())
-    model.train()
-    dist.all_reduce(total)
-    out = {"val_loss": float(total[0] / total[2]), "val_accuracy": float(total[1] / total[2])}
-    if task == "binary":
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (np.concatenate(scores) if scores else np.zeros(0),
-                                          np.concatenate(labels) if labels else np.zeros(0)))
-        out["val_auc"] = _auc(np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-    return out
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
-def _inject(cfg: TrainConfig, rank: int, attempt: int, step: int) -> bool:
-    fi = cfg.fault_injection
-    if not fi or fi.get("rank", 0) != rank or fi.get("step") != step or fi.get("attempt", 0) != attempt:
-        return False
-    if fi.get("kind") == "exit":
-        os._exit(17)
-    if fi.get("kind") == "raise":
-        raise RuntimeError(f"injected fault at step {step}")
-    return fi.get("kind") == "nan"
+class _RankRun:
+    def __init__(self, cfg: TrainConfig, setup: dict[str, Any]) -> None:
+        self.cfg, self.setup = cfg, setup
+        self.ctx = rank_context()
+        self.rank, self.world, self.device = self.ctx.rank, self.ctx.world_size, self.ctx.device
+        self.run_dir: str = setup["run_dir"]
+        self.label: str = setup["label_column"]
+        self.train = self.valid = None
+        try:
+            self._build()
+        except _DETERMINISTIC as e:
+            e._sparkdl_no_retry = True  # read by the launcher: fail at once instead of relaunching
+            raise
 
+    # ----- setup -----
+    def _build(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
-    """One rank's training run; rank 0 returns the final state dict, history and metrics."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
+        from sparkdl.data import LoaderConfig, TableLoader
+        from sparkdl.models import build_model
 
-    from sparkdl.data import LoaderConfig, TableLoader
-    from sparkdl.models import build_model
+        cfg, setup, device = self.cfg, self.setup, self.device
+        if cfg.deterministic:  # run_rank restores the process-wide flag when the task ends
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        _seed(cfg.seed)
+        model = build_model(cfg.model, **setup["model_kwargs"]).to(device)
+        if cfg.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # DDP has broadcast rank 0's initial weights; from here each rank draws its own dropout masks.
+        _seed(cfg.seed + self.rank)
+        self.hook_state = register_comm_hook(self.ddp, cfg)
+        self.opt = build_optimizer(cfg, self.ddp.parameters())
+        self.loss_fn = _loss_fn(setup["task"])
+        columns = setup["feature_columns"] + [self.label]
+        self.ids_column = setup.get("log_row_ids")
+        if self.ids_column:
+            columns.append(self.ids_column)
+        pin = device.type == "cuda"
+        self.train = TableLoader(
+            setup["train_uri"], version=setup["train_version"], rank=self.rank, world_size=self.world,
+            config=LoaderConfig(batch_size=cfg.batch_size, columns=columns, shuffle=cfg.shuffle, seed=cfg.seed,
+                                shuffle_buffer_rows=cfg.shuffle_buffer_rows, pin_memory=pin))
+        if setup.get("valid_uri"):
+            self.valid = TableLoader(
+                setup["valid_uri"], version=setup["valid_version"], rank=self.rank, world_size=self.world,
+                config=LoaderConfig(batch_size=max(cfg.batch_size, 1024), columns=columns, shuffle=False,
+                                    drop_last=False, remainder="pad", pin_memory=pin))
+        self.steps_per_epoch = len(self.train) // cfg.accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"each rank gets {len(self.train)} batches per epoch, fewer than accumulation_steps="
+                f"{cfg.accumulation_steps}: lower accumulation_steps, batch_size or num_ranks")
+        epochs_total = self.steps_per_epoch * cfg.epochs
+        self.total = epochs_total if cfg.max_steps is None else min(cfg.max_steps, epochs_total)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg, self.total))
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.step, self.start_epoch, self.history = 0, 0, []
+        self.epoch_loss = [0.0, 0]  # sum and count of the logged step losses of the current epoch
+        self.last_ckpt = latest_checkpoint(self.run_dir)
+        if self.last_ckpt is not None:
+            self._restore(load_checkpoint(self.last_ckpt))
+        self.log = StepLog(self.run_dir, self.step) if self.rank == 0 else None
+        self.samples = 0
+        self.rate = _Rate()
 
-    ctx = rank_context()
-    rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    run_dir = Path(setup["run_dir"])
-    columns = setup["feature_columns"] + [setup["label_column"]]
-    if setup.get("log_row_ids"):
-        columns.append(setup["log_row_ids"])
-    model = build_model(cfg.model, **setup["model_kwargs"]).to(device)
-    task = getattr(model, "task", "binary")
-    if cfg.sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = DDP(model)
-    _comm_hook(ddp, cfg)
-    opt = _optimizer(cfg, ddp.parameters())
-    loss_fn = _loss_fn(task)
-    lcfg = LoaderConfig(batch_size=cfg.batch_size, columns=columns, shuffle=True, seed=cfg.seed,
-                        shuffle_buffer_rows=cfg.shuffle_buffer_rows)
-    train = TableLoader(setup["train_uri"], version=setup["train_version"], rank=rank, world_size=world, config=lcfg)
-    valid = None
-    if setup.get("valid_uri"):
-        valid = TableLoader(setup["valid_uri"], version=setup["valid_version"], rank=rank, world_size=world,
-                            config=LoaderConfig(batch_size=max(cfg.batch_size, 1024), columns=columns, shuffle=False,
-                                                drop_last=False, remainder="pad"))
-    steps_per_epoch = len(train) // cfg.accumulation_steps
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    step, start_epoch, history = 0, 0, []
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        train.load_state_dict(state["loaders"][rank])
-        torch.set_rng_state(state["rng"]["torch"][rank])
-        np.random.set_state(state["rng"]["numpy"][rank])
-        random.setstate(state["rng"]["python"][rank])
-        step, start_epoch, history = state["step"], state["epoch"], state["history"]
+    def _restore(self, state: dict[str, Any]) -> None:
+        if len(state["loaders"]) != self.world:
+            raise ValueError(f"checkpoint {self.last_ckpt} was written by {len(state['loaders'])} ranks, this run "
+                             f"has {self.world}; resume with num_ranks={len(state['loaders'])}")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.train.load_state_dict(state["loaders"][self.rank])
+        rng = state["rng"][self.rank]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        load_hook_state(self.hook_state, (state.get("comm_hook") or [None] * self.world)[self.rank], self.device)
+        self.step, self.start_epoch, self.history = state["step"], state["epoch"], state["history"]
+        self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
 
-    def checkpoint(epoch: int) -> str | None:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, {"loader": train.state_dict(), "torch": torch.get_rng_state(),
-                                          "numpy": np.random.get_state(), "python": random.getstate()})
-        if rank != 0:  # every rank knows where rank 0 put it, for the NaN error message
-            return str(run_dir / "checkpoints" / f"step-{step:09d}.pt")
-        return save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None, "loaders": [g["loader"] for g in gathered],
-            "rng": {k: [g[k] for g in gathered] for k in ("torch", "numpy", "python")},
-            "step": step, "epoch": epoch, "history": history})
+    def close(self) -> None:
+        for loader in (self.train, self.valid):
+            if loader is not None:
+                loader.close()
 
-    metrics_log = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    last_ckpt = str(latest_checkpoint(run_dir)) if ckpt else None
-    t0, samples = time.perf_counter(), 0
-    done = step >= total
-    ids_log = setup.get("log_row_ids")
-    for epoch in range(start_epoch, cfg.epochs):
-        if done:
-            break
-        train.set_epoch(epoch)
+    # ----- the run -----
+    def run(self) -> dict[str, Any]:
+        try:
+            self._epochs()
+        except _NonFinite as bad:
+            # Every rank saw the all-reduced flag and returns normally, so the launcher does not
+            # relaunch a run that would only diverge again; fit() raises NonFiniteLossError.
+            if self.log is not None:
+                self.log.flush()  # the curves show the blow-up
+            return {"nonfinite": {"step": bad.step, "what": bad.what, "value": bad.value,
+                                  "checkpoint": self.last_ckpt}}
+        if self.rank != 0:
+            return {}
+        return {"state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "history": self.history, "steps": self.step, "metrics": self.history[-1] if self.history else {},
+                "checkpoint": self.last_ckpt, "train_version": self.train.version,
+                "valid_version": self.valid.version if self.valid else None}
+
+    def _epochs(self) -> None:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs):
+            if self.step >= self.total:
+                break
+            self.train.set_epoch(epoch)
+            self._epoch(epoch)
+            state = self.train.state_dict()
+            complete = state["epoch"] > epoch or state["position"] >= self.steps_per_epoch * cfg.accumulation_steps
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
+            if self.epoch_loss[1]:
+                row["train_loss"] = self.epoch_loss[0] / self.epoch_loss[1]
+            if not complete:  # max_steps stopped it: a resume with more steps finishes this epoch
+                row["partial"] = True
+            if self.valid is not None:
+                row.update(validate(self.model, self.valid, self.label, self.setup["task"], self.device))
+            self.history = [h for h in self.history if h["epoch"] != epoch + 1] + [row]
+            self._checkpoint(epoch + 1 if complete else epoch)
+            if complete:
+                self.epoch_loss = [0.0, 0]
+            if self.rank == 0:
+                self.ctx.report({"kind": "epoch", **row})
+
+    def _epoch(self, epoch: int) -> None:
+        cfg, device = self.cfg, self.device
+        accum = cfg.accumulation_steps
         micro = 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         # Micro-batches left over from the previous epoch must not leak into this step.
-        opt.zero_grad(set_to_none=True)
-        for batch in train:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if ids_log:  # debug/test option: which rows each step consumed, per attempt
-                with open(run_dir / f"rows-rank{rank}.jsonl", "a") as f:
-                    f.write(json.dumps({"attempt": ctx.attempt, "epoch": epoch, "step": step,
-                                        "ids": batch[ids_log].tolist()}) + "\n")
+        self.opt.zero_grad(set_to_none=True)
+        for batch in self.train:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if self.ids_column:
+                self._log_ids(epoch, batch[self.ids_column])
             micro += 1
-            sync = micro % cfg.accumulation_steps == 0
-            with (ddp.no_sync() if not sync else _null()):
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(ddp(batch).float(), batch[setup["label_column"]]) / cfg.accumulation_steps
-                if _inject(cfg, rank, ctx.attempt, step + 1):
+            sync = micro % accum == 0
+            with nullcontext() if sync else self.ddp.no_sync():
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.loss_fn(self.ddp(batch).float(), batch[self.label]) / accum
+                if self._fault("nan"):
                     loss = loss * float("nan")
-                flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-                dist.all_reduce(flag)
-                if flag.item() > 0:
-                    # Every rank sees the all-reduced flag and returns normally, so the launcher
-                    # does not relaunch a run that would only diverge again; fit() raises.
-                    local = float(loss.detach())
-                    train.close()
-                    if valid is not None:
-                        valid.close()
-                    if metrics_log:
-                        metrics_log.close()
-                    return {"nonfinite": {"step": step + 1, "checkpoint": last_ckpt,
-                                          "loss": local if not math.isfinite(local) else float("nan")}}
-                (scaler.scale(loss) if scaler else loss).backward()
-            samples += len(batch[setup["label_column"]])
+                # One all-reduce per micro-step carries the finiteness flags and the loss to average.
+                stat = _finite_stat(loss.detach())
+                dist.all_reduce(stat)
+                if stat[0].item() + stat[1].item() > 0:
+                    raise _NonFinite(self.step + 1, "loss", float("nan") if stat[0].item() > 0 else float("inf"))
+                loss_sum += stat[2]
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.samples += len(batch[self.label])
             if not sync:
                 continue
-            if scaler:
-                scaler.unscale_(opt)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            if metrics_log:
-                rate = samples * world / max(1e-9, time.perf_counter() - t0)
-                metrics_log.write(json.dumps({"epoch": epoch, "step": step, "total_steps": total,
-                                              "loss": float(loss.detach()) * cfg.accumulation_steps,
-                                              "lr": sched.get_last_lr()[0], "samples_per_s": rate}) + "\n")
-                metrics_log.flush()
-            if step % cfg.checkpoint_every == 0:
-                last_ckpt = checkpoint(epoch) or last_ckpt
-            if step >= total:
-                done = True
+            lr = self._optimizer_step()
+            self._after_step(epoch, float(loss_sum) / self.world, lr)
+            loss_sum.zero_()
+            if self.step % cfg.checkpoint_every == 0:
+                self._checkpoint(epoch)
+            if self.step >= self.total:
                 break
-        row = {"epoch": epoch + 1, "step": step}
-        if valid is not None:
-            row.update(_validate(model, valid, setup["label_column"], task, device))
-        history.append(row)
-        last_ckpt = checkpoint(epoch + 1) or last_ckpt
-    train.close()
-    if valid is not None:
-        valid.close()
-    if metrics_log:
-        metrics_log.close()
-    if rank != 0:
-        return {}
-    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
-            "steps": step, "metrics": history[-1] if history else {}, "checkpoint": last_ckpt,
-            "train_version": train.version, "valid_version": valid.version if valid else None}
 
+    def _optimizer_step(self) -> float:
+        cfg, opt = self.cfg, self.opt
+        if self.scaler:
+            self.scaler.unscale_(opt)
+        params = [p for p in self.ddp.parameters() if p.grad is not None]
+        if self._fault("inf_grad") and params:
+            params[0].grad.fill_(float("inf"))
+        norm = None
+        if cfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if self.scaler is None:
+            # A finite loss can still give inf/NaN gradients; stepping on them would write
+            # non-finite weights into the next checkpoint, the one the error calls "good".
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            stat = _finite_stat(norm.detach().to(self.device))
+            dist.all_reduce(stat)
+            if stat[0].item() + stat[1].item() > 0:
+                raise _NonFinite(self.step + 1, "gradient norm", float("nan") if stat[0].item() > 0 else float("inf"))
+            opt.step()
+        else:  # the scaler skips steps with inf/NaN gradients and lowers its scale
+            self.scaler.step(opt)
+            self.scaler.update()
+        lr = self.sched.get_last_lr()[0]
+        opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step += 1
+        return lr
 
-class _null:
-    def __enter__(self):
-        return self
+    def _after_step(self, epoch: int, loss: float, lr: float) -> None:
+        self.epoch_loss[0] += loss
+        self.epoch_loss[1] += 1
+        if self.rank != 0:
+            return
+        row = {"epoch": epoch + 1, "step": self.step, "loss": loss, "lr": lr,
+               "samples_per_s": self.rate(self.samples * self.world), "time": time.time()}
+        self.log.add(row)
+        self.ctx.report({"kind": "step", "epochs": self.cfg.epochs, "total_steps": self.total, **row})
 
-    def __exit__(self, *exc):
-        return False
+    def _checkpoint(self, epoch: int) -> None:
+        """Checkpoint (every rank takes part); ``epoch`` is where a resume starts."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        bad = (~finite).double().reshape(1)
+        dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise _NonFinite(self.step, "a parameter", float("nan"))
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        mine = {"loader": self.train.state_dict(), "rng": rng, "comm_hook": hook_state_dict(self.hook_state)}
+        gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            self.last_ckpt = checkpoint_uri(self.run_dir, self.step)
+            return
+        self.log.flush()  # before the checkpoint: a resume from it finds every row up to it
+        self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "loaders": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered],
+            "comm_hook": [g["comm_hook"] for g in gathered], "step": self.step, "epoch": epoch,
+            "history": self.history, "epoch_loss": self.epoch_loss})
+
+    # ----- test hooks -----
+    def _fault(self, kind: str) -> bool:
+        """Fault injection (tests): fires on the configured rank, attempt and 1-based step."""
+        fi = self.cfg.fault_injection
+        if not fi or fi.get("rank", 0) != self.rank or fi["step"] != self.step + 1 \
+                or fi.get("attempt", 0) != self.ctx.attempt:
+            return False
+        if fi["kind"] == "exit":
+            import os
+
+            os._exit(17)
+        if fi["kind"] == "raise":
+            raise RuntimeError(f"injected fault at step {self.step + 1}")
+        return fi["kind"] == kind
+
+    def _log_ids(self, epoch: int, ids: torch.Tensor) -> None:
+        """Test/debug option: which rows each step consumed, per attempt (local run folders only)."""
+        with open(f"{self.setup['run_dir_local']}/rows-rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"attempt": self.ctx.attempt, "epoch": epoch, "step": self.step,
+                                "ids": ids.tolist()}) + "\n")
