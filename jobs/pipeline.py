@@ -12,7 +12,7 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lakehouse", default="lakehouse", help="lakehouse root (default: ./lakehouse)")
     p.add_argument("--profile", default=None,
@@ -22,29 +22,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size (default 512)")
     p.add_argument("--lr", type=float, default=0.003, help="learning rate (default 0.003)")
     p.add_argument("--num-ranks", type=int, default=2, help="training ranks (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and the loader's shuffles (default 0)")
     p.add_argument("--local-mode", action="store_true", help="train in processes on this machine, not executors")
     p.add_argument("--use-gpu", action="store_true", help="train with NCCL on executor GPUs")
+    p.add_argument("--min-count", type=int, default=10, help="ETL: rarer categorical values map to OOV (default 10)")
+    p.add_argument("--valid-fraction", type=float, default=0.2, help="ETL: validation fraction (default 0.2)")
+    p.add_argument("--sample-fraction", type=float, default=1.0,
+                   help="ETL: keep this fraction of the raw flights (default 1.0 = all)")
     p.add_argument("--force-etl", action="store_true", help="re-run the ETL even if its inputs are unchanged")
+    p.add_argument("--score-table", default="flights_clean", help="table scored by the predict stage")
+    p.add_argument("--predictions-table", default="flights_predictions", help="predictions table to append to")
     p.add_argument("--stages", default="etl,train,evaluate,predict", help="comma-separated subset of stages")
     p.add_argument("--tracking", action="store_true", help="log the run to MLflow")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite under the lakehouse)")
-    args = p.parse_args(argv)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (implies --tracking; default: sqlite under a local lakehouse)")
+    p.add_argument("--experiment", default="sparkdl", help="MLflow experiment name (default sparkdl)")
+    return p
 
-    from sparkdl import spark_session
-    from sparkdl.pipeline import PipelineConfig, PipelineStageError, format_summary, run_pipeline
-    from sparkdl.tracking import TrackingConfig
 
+def _reason(e: Exception) -> str:
+    from sparkdl.pipeline import PipelineStageError, failure_reason
+
+    if isinstance(e, (PipelineStageError, ValueError)):  # already a one-line, user-facing reason
+        return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return failure_reason(e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
+        from sparkdl.pipeline import PipelineConfig, check_stages, format_summary, run_pipeline
+        from sparkdl.tracking import TrackingConfig, check_tracking
+
+        # Everything that can be checked without Spark is checked before a JVM starts.
+        stages = check_stages([s.strip() for s in args.stages.split(",") if s.strip()])
         config = PipelineConfig(
             lakehouse=args.lakehouse, model_name=args.model_name, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, num_ranks=args.num_ranks, local_mode=args.local_mode,
-            use_gpu=args.use_gpu, force_etl=args.force_etl,
-            tracking=TrackingConfig(enabled=args.tracking or bool(args.tracking_uri), uri=args.tracking_uri),
+            use_gpu=args.use_gpu, min_count=args.min_count, valid_fraction=args.valid_fraction,
+            sample_fraction=args.sample_fraction, force_etl=args.force_etl, score_table=args.score_table,
+            predictions_table=args.predictions_table, seed=args.seed,
+            tracking=TrackingConfig(enabled=args.tracking or bool(args.tracking_uri), uri=args.tracking_uri,
+                                    experiment=args.experiment),
         )
+        check_tracking(config.tracking, lakehouse=config.lakehouse)
+
+        from sparkdl import spark_session
+
         spark = spark_session(args.profile, app_name="sparkdl-pipeline")
-        result = run_pipeline(config, spark=spark, stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()))
-    except (PipelineStageError, ValueError, RuntimeError) as e:
-        print(f"sparkdl pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        result = run_pipeline(config, spark=spark, stages=stages)
+    except Exception as e:  # a scheduler reads one line and the exit code
+        print(f"sparkdl pipeline failed: {_reason(e)}", file=sys.stderr)
         return 1
     print(format_summary(result))
     return 0

