@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyspark.errors import PySparkException
 
     from sparkdl import spark_session
-    from sparkdl.errors import SparkDLError
+    from sparkdl.errors import SparkDLError, failure_reason
     from sparkdl.etl import FlightsETLConfig, format_etl_result, run_etl
 
     try:
@@ -54,27 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spark master: {spark.sparkContext.master}", flush=True)
         results = run_etl(spark=spark, lakehouse=args.lakehouse, dataset=args.dataset, config=config)
     except (SparkDLError, ValueError, RuntimeError, OSError, PySparkException, Py4JError) as e:
-        print(f"sparkdl etl failed: {_one_line(e)}", file=sys.stderr)
+        print(f"sparkdl etl failed: {failure_reason(e)}", file=sys.stderr)
         return 1
     for name, result in results.items():
         print(format_etl_result(name, result))
     return 0
 
-
-def _one_line(e: BaseException) -> str:
-    """One line saying what went wrong, without a JVM or worker stack trace."""
-    from py4j.protocol import Py4JJavaError
-    from pyspark.errors import PythonException
-
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if isinstance(e, Py4JJavaError):  # "An error occurred while calling ...": the cause is the Java message
-        lines = [ln.strip() for ln in str(e.java_exception).splitlines() if ln.strip()] or lines
-    elif isinstance(e, PythonException):  # a worker's traceback: its last line is the error
-        lines = lines[-1:]
-    line = lines[0] if lines else type(e).__name__
-    if isinstance(e, (ValueError, RuntimeError)) and not isinstance(e, OSError):
-        return line  # sparkdl's own messages say what and how to fix
-    return f"{type(e).__name__}: {line}"
 
 if __name__ == "__main__":
     sys.exit(main())

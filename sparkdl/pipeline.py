@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparkdl import _fs
+from sparkdl.errors import failure_reason
 from sparkdl.lakehouse import Lakehouse, read_table, table_exists, table_version
 from sparkdl.tracking import Tracker, TrackingConfig, epoch_metrics, log_train_result, make_tracker
 
@@ -240,70 +241,6 @@ def check_stages(stages: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if not stages:
         raise ValueError(f"no stages to run; choose from {list(STAGES)}")
     return stages
-
-
-_TRACEBACK = "Traceback (most recent call last):"
-_REASON_LIMIT = 400
-
-
-def _spark_failure(e: BaseException) -> bool:
-    try:
-        from py4j.protocol import Py4JJavaError
-        from pyspark.errors import PythonException
-    except ImportError:
-        return False
-    return isinstance(e, (PythonException, Py4JJavaError))
-
-
-def _spark_reason(e: BaseException) -> str:
-    """The cause inside a Spark failure: the exception line of the last Python traceback in it
-    (a Python worker's error), else the Java exception's first line."""
-    java = getattr(e, "java_exception", None)
-    text = str(e)
-    if java is not None:
-        try:
-            text = str(java.toString())
-        except Exception:  # the JVM is gone: keep the Python-side text
-            pass
-    if _TRACEBACK in text:
-        after = text.rsplit(_TRACEBACK, 1)[1].splitlines()
-        line = next((ln.strip() for ln in after if ln.strip() and not ln[0].isspace()), "")
-        if line:
-            return line
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return first or type(e).__name__
-
-
-def failure_reason(e: BaseException) -> str:
-    """One line saying why ``e`` happened, with the cause a Spark failure carries.
-
-    pyspark's ``PythonException`` and py4j's ``Py4JJavaError`` open with a line that names
-    no cause; the cause is the last line of the Python traceback or the Java exception's
-    message. When such a failure is the cause of a sparkdl error, it is appended."""
-    chain: list[BaseException] = []
-    cur: BaseException | None = e
-    while cur is not None and cur not in chain:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    spark = next((x for x in chain if _spark_failure(x)), None)
-    if spark is e:
-        return _clip(_spark_reason(e))
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    if spark is not None:
-        # A wrapper often quotes the Spark failure's first line ("An exception was thrown from
-        # the Python worker:"): cut it, the cause follows instead.
-        quoted = next((ln.strip() for ln in str(spark).splitlines() if ln.strip()), "")
-        cut = first.find(quoted) if quoted else -1
-        if cut > 0:
-            first = first[:cut].rstrip().removesuffix(f"{type(spark).__name__}:").rstrip(" :")
-    head = _clip(f"{type(e).__name__}: {first}" if first else type(e).__name__)
-    if spark is not None:
-        head += f" (caused by {_clip(_spark_reason(spark))})"
-    return head
-
-
-def _clip(line: str) -> str:
-    return line if len(line) <= _REASON_LIMIT else line[: _REASON_LIMIT - 3] + "..."
 
 
 def run_pipeline(
