@@ -321,9 +321,10 @@ def format_summary(result: PipelineResult) -> str:
             f"etl            {'skipped (inputs unchanged)' if etl.get('skipped') else 'ran'}: rows in "
             f"{etl.get('rows_in')}, out {etl.get('rows_out')}, rejected {etl.get('rows_rejected')}"
         )
-        versions = {k: v for k, v in etl.items() if k.endswith("version") or k.endswith("versions")}
+        versions = dict(etl.get("table_versions") or {})
+        versions.update({k: v for k, v in etl.items() if k.endswith("version") and isinstance(v, int)})
         if versions:
-            lines.append(f"               table versions {json.dumps(versions)}")
+            lines.append("               table versions " + ", ".join(f"{t} v{v}" for t, v in versions.items()))
     tr = result.train
     if tr:
         lines.append(f"train          model {tr.get('model_name')} v{tr.get('model_version')}  run {tr.get('run_id')}")
