@@ -405,3 +405,21 @@ def test_gpu_training_with_nccl_in_local_mode(digits_lakehouse):
                          precision="bf16", checkpoint_every=2))
     assert result.steps == 4 and math.isfinite(result.metrics["val_loss"])
     assert all(math.isfinite(r["loss"]) for r in _step_rows(result))
+
+
+def test_cli_tracking_logs_the_run_and_the_published_model(digits_lakehouse, tmp_path, capsys):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    job = _cli()
+    args = ["--lakehouse", digits_lakehouse, "--train-table", "digits_train", "--valid-table", "digits_valid",
+            "--model", "digits_cnn", "--local-mode", "--num-ranks", "1", "--epochs", "1", "--max-steps", "3",
+            "--run-id", "cli-tracked", "--model-name", "digits_tracked", "--tracking-uri", uri]
+    assert job.main(args) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("mlflow run ")]
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(line.split()[2])
+    assert run.data.params["train.run_id"] == "cli-tracked" and run.data.params["train.model"] == "digits_cnn"
+    assert "val_accuracy" in run.data.metrics
+    assert run.data.tags["model"] == "digits_tracked/v1"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
