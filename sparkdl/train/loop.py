@@ -215,7 +215,9 @@ class _RankRun:
         cfg, device = self.cfg, self.device
         accum = cfg.accumulation_steps
         micro = 0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # [nan seen, inf seen, loss sum] over the step's micro-batches; checked once per optimizer
+        # step, in the one small all-reduce that follows the gradients' own.
+        loss_stat = torch.zeros(3, dtype=torch.float64, device=device)
         # Micro-batches left over from the previous epoch must not leak into this step.
         self.opt.zero_grad(set_to_none=True)
         for batch in self.train:
@@ -229,25 +231,26 @@ class _RankRun:
                     loss = self.loss_fn(self.ddp(batch).float(), batch[self.label]) / accum
                 if self._fault("nan"):
                     loss = loss * float("nan")
-                # One all-reduce per micro-step carries the finiteness flags and the loss to average.
-                stat = _finite_stat(loss.detach())
-                dist.all_reduce(stat)
-                if stat[0].item() + stat[1].item() > 0:
-                    raise _NonFinite(self.step + 1, "loss", float("nan") if stat[0].item() > 0 else float("inf"))
-                loss_sum += stat[2]
+                loss_stat += _finite_stat(loss.detach())
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             self.samples += len(batch[self.label])
             if not sync:
                 continue
-            lr = self._optimizer_step()
-            self._after_step(epoch, float(loss_sum) / self.world, lr)
-            loss_sum.zero_()
+            loss, lr = self._optimizer_step(loss_stat)
+            self._after_step(epoch, loss, lr)
+            loss_stat.zero_()
             if self.step % cfg.checkpoint_every == 0:
                 self._checkpoint(epoch)
             if self.step >= self.total:
                 break
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss_stat: torch.Tensor) -> tuple[float, float]:
+        """Check, then apply, the step whose micro-batch losses ``loss_stat`` sums; return
+        (loss averaged over ranks, learning rate of the step).
+
+        One small all-reduce carries the loss and gradient-norm finiteness of every rank, so all
+        ranks stop at the same step, before it is applied, and none waits on a collective per
+        micro-batch."""
         cfg, opt = self.cfg, self.opt
         if self.scaler:
             self.scaler.unscale_(opt)
@@ -257,24 +260,31 @@ class _RankRun:
         norm = None
         if cfg.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if self.scaler is None:
-            # A finite loss can still give inf/NaN gradients; stepping on them would write
-            # non-finite weights into the next checkpoint, the one the error calls "good".
-            if norm is None:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            stat = _finite_stat(norm.detach().to(self.device))
-            dist.all_reduce(stat)
-            if stat[0].item() + stat[1].item() > 0:
-                raise _NonFinite(self.step + 1, "gradient norm", float("nan") if stat[0].item() > 0 else float("inf"))
-            opt.step()
-        else:  # the scaler skips steps with inf/NaN gradients and lowers its scale
+        # With a scaler, inf/NaN gradients are expected now and then: it skips those steps and
+        # lowers its scale, so only the loss is checked. Without one, a finite loss can still give
+        # inf/NaN gradients; stepping on them would write non-finite weights into the next
+        # checkpoint, the one the error calls "good".
+        check_grads = self.scaler is None
+        if check_grads and norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_stat = _finite_stat(norm.detach().to(self.device)) if check_grads else torch.zeros_like(loss_stat)
+        stat = torch.cat([loss_stat, grad_stat])
+        dist.all_reduce(stat)
+        flags = stat.tolist()
+        if flags[0] + flags[1] > 0:
+            raise _NonFinite(self.step + 1, "loss", float("nan") if flags[0] > 0 else float("inf"))
+        if flags[3] + flags[4] > 0:
+            raise _NonFinite(self.step + 1, "gradient norm", float("nan") if flags[3] > 0 else float("inf"))
+        if self.scaler:
             self.scaler.step(opt)
             self.scaler.update()
+        else:
+            opt.step()
         lr = self.sched.get_last_lr()[0]
         opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.step += 1
-        return lr
+        return flags[2] / self.world, lr
 
     def _after_step(self, epoch: int, loss: float, lr: float) -> None:
         self.epoch_loss[0] += loss
