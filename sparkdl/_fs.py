@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from functools import lru_cache
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -25,7 +25,15 @@ _HADOOP_S3 = ("s3a://", "s3n://")
 
 
 def is_local(uri: str) -> bool:
-    return urlparse(uri).scheme in ("", "file")
+    return urlparse(os.fspath(uri)).scheme in ("", "file")
+
+
+def pyarrow_uri(uri: str) -> str:
+    """``uri`` as pyarrow.fs and deltalake spell it: Hadoop's ``s3a://``/``s3n://`` become ``s3://``."""
+    for prefix in _HADOOP_S3:
+        if uri.startswith(prefix):
+            return "s3://" + uri[len(prefix):]
+    return uri
 
 
 @lru_cache(maxsize=32)
@@ -38,11 +46,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     uri = os.fspath(uri)
     if is_local(uri):
-        path = urlparse(uri).path if uri.startswith("file://") else uri
+        path = unquote(urlparse(uri).path) if uri.startswith("file:") else uri
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    for prefix in _HADOOP_S3:  # Hadoop's S3 scheme names; pyarrow calls it s3
-        if uri.startswith(prefix):
-            uri = "s3://" + uri[len(prefix):]
+    uri = pyarrow_uri(uri)
     parsed = urlparse(uri)
     try:
         fs = _fs_for(f"{parsed.scheme}://{parsed.netloc}")

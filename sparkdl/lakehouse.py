@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 
 from sparkdl import _delta_commit as _dc
+from sparkdl import _fs
 from sparkdl._delta_commit import STAGING_KEY
 from sparkdl.errors import (
     CommitConflictError,
@@ -83,19 +84,11 @@ def normalize_uri(uri: str | os.PathLike[str]) -> str:
 
 def delta_uri(uri: str) -> str:
     """The URI deltalake (object_store) understands: ``s3a://``/``s3n://`` become ``s3://``."""
-    uri = normalize_uri(uri)
-    for hadoop_scheme in ("s3a://", "s3n://"):
-        if uri.startswith(hadoop_scheme):
-            return "s3://" + uri[len(hadoop_scheme):]
-    return uri
+    return _fs.pyarrow_uri(normalize_uri(uri))
 
 
-def _is_local(uri: str) -> bool:
-    return urlparse(uri).scheme in ("", "file")
-
-
-def join_uri(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+_is_local = _fs.is_local
+join_uri = _fs.join
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,14 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
-from urllib.parse import unquote, urlparse
 
-import pyarrow.fs as pafs
 
+from sparkdl import _fs
 from sparkdl.data.config import LoaderConfig
 from sparkdl.data.loader import TableLoader
 from sparkdl.errors import WriteAbortedError
@@ -49,15 +46,6 @@ __all__ = ["CachedTable", "cache_dataframe", "clear_cache", "dataframe_key"]
 _KEY_CHARS = 32
 # Leaves of a logical plan whose string form does not show their data.
 _IN_MEMORY_LEAVES = ("LocalRelation", "LogicalRDD", "ExternalRDD", "InMemoryRelation")
-
-
-def _local_path(uri: str) -> str | None:
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if parsed.scheme == "":
-        return uri
-    return None
 
 
 def _fingerprint_rows(df: "DataFrame") -> str:
@@ -99,7 +87,7 @@ def dataframe_key(df: "DataFrame", schema: DatasetSchema | None = None) -> str:
     if schema is not None:
         parts.append("schema=" + json.dumps(schema.to_dict(), sort_keys=True, default=str))
     for f in sorted(df.inputFiles()):
-        local = _local_path(f)
+        local = _fs.local_path(f)
         if local is not None and os.path.exists(local):
             st = os.stat(local)
             parts.append(f"{f} size={st.st_size} mtime={st.st_mtime_ns}")
@@ -136,7 +124,7 @@ class CachedTable:
 
     def delete(self) -> None:
         """Remove the cache table (its log and files); idempotent."""
-        _delete_dir(self.uri)
+        _fs.delete(self.uri)
 
     def __enter__(self) -> "CachedTable":
         return self
@@ -144,18 +132,6 @@ class CachedTable:
     def __exit__(self, *exc: Any) -> None:
         """``with cache_dataframe(...) as cached:`` deletes the cache table when the block ends."""
         self.delete()
-
-
-def _delete_dir(uri: str) -> None:
-    local = _local_path(uri)
-    if local is not None:
-        shutil.rmtree(local, ignore_errors=True)
-        return
-    fs, path = pafs.FileSystem.from_uri(uri.replace("s3a://", "s3://", 1))
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
 
 
 def cache_dataframe(
@@ -199,21 +175,11 @@ def clear_cache(cache_root: str) -> int:
     wipe unrelated data.
     """
     root = normalize_uri(cache_root)
-    local = _local_path(root)
     removed = 0
-    if local is not None:
-        if not os.path.isdir(local):
-            return 0
-        for child in sorted(Path(local).iterdir()):
-            if child.is_dir() and _is_key(child.name):
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
-        return removed
-    fs, path = pafs.FileSystem.from_uri(root.replace("s3a://", "s3://", 1))
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and _is_key(name):
-            fs.delete_dir(info.path)
+    for name in _fs.listdir(root):
+        child = _fs.join(root, name)
+        if _is_key(name) and _fs.is_dir(child):
+            _fs.delete(child)
             removed += 1
     return removed
 

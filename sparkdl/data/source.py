@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from sparkdl import _fs
 from sparkdl.data.plan import Piece, Segment
 from sparkdl.errors import EmptyTableError, LoaderError
 
@@ -51,14 +52,6 @@ def _fs_path(uri: str) -> str:
     if parsed.scheme in _HOSTLESS_SCHEMES:
         return parsed.path
     return f"{parsed.netloc}{parsed.path}"
-
-
-def _pyarrow_uri(uri: str) -> str:
-    # Hadoop spells S3 as s3a:// or s3n://; pyarrow knows only s3://.
-    for hadoop in ("s3a://", "s3n://"):
-        if uri.startswith(hadoop):
-            return "s3://" + uri[len(hadoop):]
-    return uri
 
 
 # deltalake (object_store) storage option keys -> pyarrow.fs.S3FileSystem arguments.
@@ -109,14 +102,14 @@ def _filesystem_for(
             filesystem = s3_filesystem(storage_options)
         else:
             try:
-                filesystem, _ = pafs.FileSystem.from_uri(_pyarrow_uri(files[0]))
+                filesystem, _ = pafs.FileSystem.from_uri(_fs.pyarrow_uri(files[0]))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
                 raise RuntimeError(
                     f"pyarrow has no filesystem for {files[0]}: {e}. Pass filesystem= a "
                     "pyarrow.fs.FileSystem (e.g. pyarrow.fs.S3FileSystem(...), or an fsspec one "
                     "wrapped as pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))"
                 ) from e
-    return filesystem, [_fs_path(_pyarrow_uri(f)) for f in files]
+    return filesystem, [_fs_path(_fs.pyarrow_uri(f)) for f in files]
 
 
 def _remote_hint(path: str) -> str:
