@@ -75,11 +75,6 @@ def is_dir(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def makedirs(uri: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
-
-
 def listdir(uri: str) -> list[str]:
     """Names (not paths) directly under ``uri``; empty when it does not exist."""
     fs, path = resolve(uri)
