@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "SparkDLError",
+    "NonRetryableError",
+    "DataValidationError",
     "SchemaMismatchError",
     "TableNotFoundError",
     "TableVersionError",
@@ -28,6 +30,18 @@ __all__ = [
 
 class SparkDLError(Exception):
     """Base class of every sparkdl domain error."""
+
+
+class NonRetryableError(SparkDLError):
+    """A failure that a relaunch would only repeat (bad data, config, model or checkpoint).
+
+    Raised on a rank, it makes the launcher fail the run at once instead of relaunching the stage;
+    jobs report it as one line."""
+
+
+class DataValidationError(NonRetryableError, ValueError):
+    """Input data breaks a rule the run needs (a label out of range, NaN in a feature, an
+    unsupported column type); the message names the column, shows offending values and the fix."""
 
 
 class SchemaMismatchError(SparkDLError, ValueError):

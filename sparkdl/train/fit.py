@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparkdl import _fs
 from sparkdl.lakehouse import Lakehouse, normalize_uri, snapshot
 from sparkdl.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparkdl.train.config import TrainConfig
+from sparkdl.train.handoff import RankSetup
 from sparkdl.train.launcher import LaunchConfig, _check_capacity, run_distributed
 from sparkdl.train.loop import train_rank
 from sparkdl.train.metrics import read_step_metrics
@@ -51,7 +52,7 @@ def _uri(root: str, name: str) -> str:
     return normalize_uri(name) if ("/" in name or "://" in name) else Lakehouse(root).table(name)
 
 
-def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[RankSetup, dict[str, Any], Any, Any]:
     """Resolve tables and columns and build the model here, so that a bad config fails before launch."""
     train_uri = _uri(cfg.lakehouse, cfg.train_table)
     snap = snapshot(train_uri, train_version)
@@ -87,11 +88,11 @@ def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[dict[str, Any],
     # Recorded with the published model, so inference can decode its inputs even when the
     # training table is gone and the scored table declares no codecs or shapes.
     declared = {c.name: c for c in schema.columns if c.name in features}
-    setup = {"train_uri": train_uri, "train_version": snap.version, "valid_uri": valid_uri,
-             "valid_version": valid_version, "feature_columns": features, "label_column": label,
-             "model_kwargs": kwargs, "task": task,
-             "input_codecs": {n: c.codec for n, c in declared.items() if c.codec != "raw"},
-             "input_shapes": {n: list(c.shape) for n, c in declared.items() if c.shape}}
+    setup = RankSetup(train_uri=train_uri, train_version=snap.version, valid_uri=valid_uri,
+                      valid_version=valid_version, feature_columns=features, label_column=label,
+                      model_kwargs=kwargs, task=task,
+                      input_codecs={n: c.codec for n, c in declared.items() if c.codec != "raw"},
+                      input_shapes={n: list(c.shape) for n, c in declared.items() if c.shape})
     _dry_run(cfg, setup, model)
     lineage = {"train_table": {"uri": train_uri, "version": snap.version}}
     if valid_uri:
@@ -111,14 +112,14 @@ def _build_model(cfg: TrainConfig, kwargs: dict[str, Any]):
                          f"{type(e).__name__}: {e}") from e
 
 
-def _dry_run(cfg: TrainConfig, setup: dict[str, Any], model: Any) -> None:
+def _dry_run(cfg: TrainConfig, setup: RankSetup, model: Any) -> None:
     """One forward pass on two training rows: wrong columns, shapes or kwargs fail here, not on N ranks."""
     import torch
 
     from sparkdl.data import LoaderConfig, TableLoader
 
-    columns = setup["feature_columns"] + [setup["label_column"]]
-    with TableLoader(setup["train_uri"], version=setup["train_version"],
+    columns = setup.feature_columns + [setup.label_column]
+    with TableLoader(setup.train_uri, version=setup.train_version,
                      config=LoaderConfig(batch_size=2, columns=columns, shuffle=False, drop_last=False,
                                          prefetch_batches=1)) as loader:
         batch = next(iter(loader))
@@ -126,7 +127,7 @@ def _dry_run(cfg: TrainConfig, setup: dict[str, Any], model: Any) -> None:
         with torch.inference_mode():
             model.eval()(batch)
     except Exception as e:
-        raise ValueError(f"model {cfg.model!r} fails on a batch of {setup['train_uri']} (columns {columns}): "
+        raise ValueError(f"model {cfg.model!r} fails on a batch of {setup.train_uri} (columns {columns}): "
                          f"{type(e).__name__}: {e}") from e
 
 
@@ -207,7 +208,7 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
         raise ValueError("log_row_ids needs a local lakehouse (it appends to files in the run folder)")
     earlier = _resume_state(config, run_dir) if config.resume else None
     setup, lineage, spec, model = _setup(config, earlier["train_version"] if earlier else config.train_version)
-    setup.update(run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
+    setup = replace(setup, run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
     launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
                           max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env)
@@ -237,10 +238,10 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
         model.load_state_dict(out["state_dict"])
         mv = publish_model(
             config.lakehouse, config.model_name, model=model,
-            model_config={"factory": config.model, "kwargs": setup["model_kwargs"],
-                          "input_columns": setup["feature_columns"], "label_column": setup["label_column"],
-                          "task": setup["task"], "input_codecs": setup["input_codecs"],
-                          "input_shapes": setup["input_shapes"], "torch": torch.__version__},
+            model_config={"factory": config.model, "kwargs": setup.model_kwargs,
+                          "input_columns": setup.feature_columns, "label_column": setup.label_column,
+                          "task": setup.task, "input_codecs": setup.input_codecs,
+                          "input_shapes": setup.input_shapes, "torch": torch.__version__},
             training_config=asdict(config), lineage={**lineage, "run_id": config.run_id},
             metrics=out["metrics"], preprocessing=spec, extra_files={"curves.png": curves} if curves else None,
         )

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from sparkdl.train.checkpoint import checkpoint_uri, latest_checkpoint, load_checkpoint, save_checkpoint
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.context import rank_context
+from sparkdl.train.handoff import RankSetup
 from sparkdl.train.metrics import StepLog, validate
 from sparkdl.train.optim import build_optimizer, hook_state_dict, load_hook_state, lr_factor, register_comm_hook
 
@@ -30,7 +31,7 @@ __all__ = ["train_rank"]
 _DETERMINISTIC = (ValueError, TypeError, LookupError, ImportError, AttributeError, NotImplementedError)
 
 
-def train_rank(cfg: TrainConfig, setup: dict[str, Any]) -> dict[str, Any]:
+def train_rank(cfg: TrainConfig, setup: RankSetup) -> dict[str, Any]:
     """One rank's training run; rank 0 returns the final state dict, history and metrics
     (or ``{"nonfinite": ...}`` when the loss, the gradients or the parameters stopped being finite)."""
     run = _RankRun(cfg, setup)
@@ -77,12 +78,12 @@ def _seed(seed: int) -> None:
 
 
 class _RankRun:
-    def __init__(self, cfg: TrainConfig, setup: dict[str, Any]) -> None:
+    def __init__(self, cfg: TrainConfig, setup: RankSetup) -> None:
         self.cfg, self.setup = cfg, setup
         self.ctx = rank_context()
         self.rank, self.world, self.device = self.ctx.rank, self.ctx.world_size, self.ctx.device
-        self.run_dir: str = setup["run_dir"]
-        self.label: str = setup["label_column"]
+        self.run_dir: str = setup.run_dir
+        self.label: str = setup.label_column
         self.train = self.valid = None
         try:
             self._build()
@@ -102,7 +103,7 @@ class _RankRun:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         _seed(cfg.seed)
-        model = build_model(cfg.model, **setup["model_kwargs"]).to(device)
+        model = build_model(cfg.model, **setup.model_kwargs).to(device)
         if cfg.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
@@ -111,19 +112,19 @@ class _RankRun:
         _seed(cfg.seed + self.rank)
         self.hook_state = register_comm_hook(self.ddp, cfg)
         self.opt = build_optimizer(cfg, self.ddp.parameters())
-        self.loss_fn = _loss_fn(setup["task"])
-        columns = setup["feature_columns"] + [self.label]
-        self.ids_column = setup.get("log_row_ids")
+        self.loss_fn = _loss_fn(setup.task)
+        columns = setup.feature_columns + [self.label]
+        self.ids_column = setup.log_row_ids
         if self.ids_column:
             columns.append(self.ids_column)
         pin = device.type == "cuda"
         self.train = TableLoader(
-            setup["train_uri"], version=setup["train_version"], rank=self.rank, world_size=self.world,
+            setup.train_uri, version=setup.train_version, rank=self.rank, world_size=self.world,
             config=LoaderConfig(batch_size=cfg.batch_size, columns=columns, shuffle=cfg.shuffle, seed=cfg.seed,
                                 shuffle_buffer_rows=cfg.shuffle_buffer_rows, pin_memory=pin))
-        if setup.get("valid_uri"):
+        if setup.valid_uri:
             self.valid = TableLoader(
-                setup["valid_uri"], version=setup["valid_version"], rank=self.rank, world_size=self.world,
+                setup.valid_uri, version=setup.valid_version, rank=self.rank, world_size=self.world,
                 config=LoaderConfig(batch_size=max(cfg.batch_size, 1024), columns=columns, shuffle=False,
                                     drop_last=False, remainder="pad", pin_memory=pin))
         self.steps_per_epoch = len(self.train) // cfg.accumulation_steps
@@ -203,7 +204,7 @@ class _RankRun:
             if not complete:  # max_steps stopped it: a resume with more steps finishes this epoch
                 row["partial"] = True
             if self.valid is not None:
-                row.update(validate(self.model, self.valid, self.label, self.setup["task"], self.device))
+                row.update(validate(self.model, self.valid, self.label, self.setup.task, self.device))
             self.history = [h for h in self.history if h["epoch"] != epoch + 1] + [row]
             self._checkpoint(epoch + 1 if complete else epoch)
             if complete:
@@ -336,6 +337,6 @@ class _RankRun:
 
     def _log_ids(self, epoch: int, ids: torch.Tensor) -> None:
         """Test/debug option: which rows each step consumed, per attempt (local run folders only)."""
-        with open(f"{self.setup['run_dir_local']}/rows-rank{self.rank}.jsonl", "a") as f:
+        with open(f"{self.setup.run_dir_local}/rows-rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps({"attempt": self.ctx.attempt, "epoch": epoch, "step": self.step,
                                 "ids": ids.tolist()}) + "\n")
