@@ -21,10 +21,14 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
     from pyspark.sql.types import DataType
 
-__all__ = ["ColumnSpec", "DatasetSchema", "schemas_dir", "spark_to_arrow_schema", "ROLES", "CODECS", "TYPES"]
+__all__ = ["ColumnSpec", "DatasetSchema", "schemas_dir", "spark_to_arrow_schema", "ROLES", "CODECS", "KINDS", "TYPES"]
 
 ROLES = ("feature", "label", "id", "weight", "meta")
 CODECS = ("raw", "png", "jpeg")
+KINDS = ("numeric", "categorical", "tokens", "image", "vector", "binary", "multiclass", "multilabel", "regression")
+"""What a column holds for a model. Features: numeric (a scalar), categorical (an id < cardinality),
+tokens (a fixed-length id sequence, ids < cardinality, 0 = padding), image (a decoded uint8 tensor),
+vector (a numeric array). Labels: the task they define (multiclass/multilabel: cardinality = classes)."""
 _SCALARS: dict[str, pa.DataType] = {
     "bool": pa.bool_(),
     "int8": pa.int8(),
@@ -91,6 +95,11 @@ class ColumnSpec:
     """How a binary value decodes: raw (bytes as is), png or jpeg (to a uint8 tensor)."""
     nullable: bool = True
     """Whether nulls are allowed; non-nullable columns are checked before commit."""
+    kind: str | None = None
+    """What the column holds for a model (one of ``KINDS``); None = inferred from type and codec by readers."""
+    cardinality: int | None = None
+    """Number of distinct ids of a categorical/tokens feature (embedding rows, OOV and padding included),
+    or of classes of a multiclass/multilabel label; None when not applicable."""
     description: str = ""
     """Free text for people reading the schema."""
 
@@ -107,6 +116,11 @@ class ColumnSpec:
             raise ValueError(f"column {self.name!r}: codec {self.codec!r} is not one of {list(CODECS)}")
         if self.codec != "raw" and self.type != "binary":
             raise ValueError(f"column {self.name!r}: codec {self.codec!r} needs type binary, not {self.type}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"column {self.name!r}: kind {self.kind!r} is not one of {list(KINDS)}")
+        if self.cardinality is not None and (
+                isinstance(self.cardinality, bool) or not isinstance(self.cardinality, int) or self.cardinality < 1):
+            raise ValueError(f"column {self.name!r}: cardinality {self.cardinality!r} must be a positive integer")
         if self.shape is not None:
             try:
                 if isinstance(self.shape, (str, bytes)):
@@ -127,6 +141,10 @@ class ColumnSpec:
         meta = {"sparkdl.role": self.role, "sparkdl.codec": self.codec}
         if self.shape is not None:
             meta["sparkdl.shape"] = json.dumps(list(self.shape))
+        if self.kind is not None:
+            meta["sparkdl.kind"] = self.kind
+        if self.cardinality is not None:
+            meta["sparkdl.cardinality"] = str(self.cardinality)
         if self.description:
             meta["comment"] = self.description
         return pa.field(self.name, self.arrow_type, nullable=self.nullable, metadata=meta)
@@ -142,6 +160,8 @@ class ColumnSpec:
             codec=meta.get("sparkdl.codec", "raw"),
             shape=tuple(json.loads(shape)) if shape else None,
             nullable=f.nullable,
+            kind=meta.get("sparkdl.kind"),
+            cardinality=int(meta["sparkdl.cardinality"]) if meta.get("sparkdl.cardinality") else None,
             description=meta.get("comment", ""),
         )
 
@@ -243,6 +263,10 @@ class DatasetSchema:
                 d["shape"] = list(c.shape)
             if c.codec != "raw":
                 d["codec"] = c.codec
+            if c.kind is not None:
+                d["kind"] = c.kind
+            if c.cardinality is not None:
+                d["cardinality"] = c.cardinality
             if c.description:
                 d["description"] = c.description
             cols.append(d)
