@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="on failure, also print the failing rank's traceback")
     choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES}
     docs = _field_docs(TrainConfig)
-    floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s")
+    floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "collective_timeout_s")
     optional_ints = ("train_version", "valid_version", "max_steps")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("fault_injection", "model_kwargs"):
@@ -134,4 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sparkdl.cli import run_job
+
+    sys.exit(run_job("train", main, owns_debug_flag=True))

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparkdl.train.checkpoint import checkpoint_uri, latest_checkpoint, load_checkpoint, save_checkpoint
+from sparkdl.errors import NonRetryableError
+from sparkdl.train.checkpoint import (capture_rng, checkpoint_uri, latest_checkpoint, load_checkpoint, restore_rng,
+                                      save_checkpoint)
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.context import rank_context
 from sparkdl.train.handoff import RankSetup
@@ -87,9 +89,8 @@ class _RankRun:
         self.train = self.valid = None
         try:
             self._build()
-        except _DETERMINISTIC as e:
-            e._sparkdl_no_retry = True  # read by the launcher: fail at once instead of relaunching
-            raise
+        except _DETERMINISTIC as e:  # the launcher fails at once instead of relaunching
+            raise NonRetryableError(str(e)) from e
 
     # ----- setup -----
     def _build(self) -> None:
@@ -156,12 +157,7 @@ class _RankRun:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.train.load_state_dict(state["loaders"][self.rank])
-        rng = state["rng"][self.rank]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        restore_rng(state["rng"][self.rank], self.device)
         load_hook_state(self.hook_state, (state.get("comm_hook") or [None] * self.world)[self.rank], self.device)
         self.step, self.start_epoch, self.history = state["step"], state["epoch"], state["history"]
         self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
@@ -304,8 +300,7 @@ class _RankRun:
         dist.all_reduce(bad)
         if bad.item() > 0:
             raise _NonFinite(self.step, "a parameter", float("nan"))
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rng = capture_rng(self.device)
         mine = {"loader": self.train.state_dict(), "rng": rng, "comm_hook": hook_state_dict(self.hook_state)}
         gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
