@@ -393,12 +393,17 @@ def _one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:
     return failed[0]
 
 
-def test_train_job_lakehouse_that_is_a_file_is_one_line(tmp_path):
+def test_train_job_lakehouse_that_is_a_file_is_one_line(tmp_path, tiny_table):
+    from sparkdl.lakehouse import Lakehouse
+
     lake = tmp_path / "lake"
     lake.write_text("not a folder")
-    proc = _job("train", "--lakehouse", str(lake), "--train-table", "t", "--local-mode", "--num-ranks", "1")
+    proc = _job("train", "--lakehouse", str(lake), "--train-table", Lakehouse(tiny_table).table("tiny"),
+                "--model", "hard_fit_models:tiny", "--label-column", "label", "--feature-columns", "x0,x1,x2,x3",
+                "--local-mode", "--num-ranks", "1", "--max-steps", "1",
+                env={"PYTHONPATH": f"{ROOT}{os.pathsep}{Path(tiny_table).parent}"})
     assert proc.returncode == 1, proc.stderr[-3000:]
-    _one_line(proc, "sparkdl train failed:")
+    assert "Not a directory" in _one_line(proc, "sparkdl train failed:")
 
 
 def test_train_job_checkpoint_missing_keys_is_one_line(tmp_path):
@@ -547,7 +552,7 @@ def _rank1_hangs() -> None:
 def test_a_hung_rank_is_reported_as_hung_within_the_collective_timeout():
     start = time.monotonic()
     with pytest.raises(RankHungError) as info:
-        run_distributed(_rank1_hangs, config=LaunchConfig(num_ranks=2, local_mode=True, pg_timeout_s=3))
+        run_distributed(_rank1_hangs, config=LaunchConfig(num_ranks=2, local_mode=True, pg_timeout_s=10))
     assert time.monotonic() - start < 60
     err = info.value
     assert err.rank == 1 and "hung" in err.error and "exited" not in err.error
@@ -557,7 +562,7 @@ def test_a_hung_rank_is_reported_as_hung_within_the_collective_timeout():
 @pytest.mark.integration
 def test_a_hung_barrier_rank_is_reported_as_hung(spark):
     with pytest.raises(RankHungError) as info:
-        run_distributed(_rank1_hangs, spark=spark, config=LaunchConfig(num_ranks=2, pg_timeout_s=3))
+        run_distributed(_rank1_hangs, spark=spark, config=LaunchConfig(num_ranks=2, pg_timeout_s=10))
     assert info.value.rank == 1 and "exited" not in info.value.error
     # The stage is over and the executors are usable again.
     assert run_distributed(_rank_listeners, spark=spark, config=LaunchConfig(num_ranks=2, pg_timeout_s=60))

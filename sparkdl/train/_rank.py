@@ -77,11 +77,12 @@ def _failure_info(rank: int, attempt: int, e: BaseException) -> dict:
 
 def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, master_addr: str,
              master_port: int, attempt: int, local_mode: bool, gpu: str | None,
-             listen_fd: int | None = None) -> bytes | None:
+             listen_fd: int | None = None, host: str | None = None) -> bytes | None:
     """Initialize torch.distributed, run the function, always tear the group down.
 
     The TCPStore lives at ``master_addr:master_port``: this rank serves it on ``listen_fd`` (a
     socket already listening there, see ``listen_socket``) when given, else connects to it.
+    ``host``: this rank's own address (default ``master_addr``); gloo/NCCL listen on its interface.
 
     Returns rank 0's result pickled (None on other ranks). Any exception leaves as a RuntimeError
     carrying a JSON marker with the rank, the error, its traceback and when it happened; the
@@ -109,7 +110,7 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
     try:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
-        ifname = interface_of(master_addr)
+        ifname = interface_of(host or master_addr)
         if ifname is not None:  # the user's own *_SOCKET_IFNAME (spec["env"] or the executor's) wins
             for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
                 if saved_env.get(key) is None:
@@ -187,7 +188,7 @@ def barrier_task(payload: bytes, attempt: int, _rows: Iterator[Any]) -> Iterator
     gpu = gpus.addresses[0] if gpus is not None and gpus.addresses else None
     result = run_rank(payload, rank=rank, world_size=len(hosts), local_rank=hosts[:rank].count(host),
                       master_addr=master_addr, master_port=int(master_port), attempt=attempt, local_mode=False,
-                      gpu=gpu, listen_fd=sock.detach() if sock is not None else None)
+                      gpu=gpu, listen_fd=sock.detach() if sock is not None else None, host=host)
     if rank == 0:
         yield result  # type: ignore[misc]
 

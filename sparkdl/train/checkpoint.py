@@ -27,7 +27,7 @@ from sparkdl import _fs
 from sparkdl.errors import CheckpointError
 
 __all__ = ["KEEP", "capture_rng", "checkpoint_uri", "cleanup_checkpoints", "latest_checkpoint", "load_checkpoint",
-           "restore_rng", "save_checkpoint"]
+           "numpy_state_from_plain", "numpy_state_to_plain", "restore_rng", "save_checkpoint"]
 
 KEEP = 3
 _NAME_RE = re.compile(r"step-(\d{9})\.pt")
@@ -121,18 +121,33 @@ def load_checkpoint(uri: str) -> dict[str, Any]:
     return out
 
 
+def numpy_state_to_plain(state: tuple) -> dict[str, Any]:
+    """A numpy ``RandomState.get_state()`` tuple as a tensor and plain numbers (checkpointable)."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = state
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+            "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def numpy_state_from_plain(plain: dict[str, Any]) -> tuple:
+    """The ``RandomState.set_state()`` tuple back from ``numpy_state_to_plain``."""
+    import numpy as np
+
+    return (plain["name"], plain["keys"].numpy().astype(np.uint32), int(plain["pos"]), int(plain["has_gauss"]),
+            float(plain["gauss"]))
+
+
 def capture_rng(device: torch.device | str | None = None) -> dict[str, Any]:
     """torch's, numpy's and Python's RNG states (and the CUDA one of a cuda ``device``) as tensors,
     ints and strings only, so a checkpoint holding them loads with ``weights_only=True``."""
     import numpy as np
 
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     device = torch.device(device) if device is not None else torch.device("cpu")
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": numpy_state_to_plain(np.random.get_state()),
         "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
                    "gauss": None if py_gauss is None else float(py_gauss)},
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -144,9 +159,7 @@ def restore_rng(state: dict[str, Any], device: torch.device | str | None = None)
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                         float(n["gauss"])))
+    np.random.set_state(numpy_state_from_plain(state["numpy"]))
     p = state["python"]
     random.setstate((int(p["version"]), tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -66,12 +66,21 @@ def hook_state_dict(state: Any) -> dict[str, Any] | None:
     """PowerSGD's per-rank state (step counter, error feedback, warm-start P/Q, its RNG) on the CPU."""
     if state is None:
         return None
-    return {slot: _map_tensors(getattr(state, slot), lambda t: t.detach().cpu().clone())
-            for slot in type(state).__slots__ if slot != "process_group"}
+    from sparkdl.train.checkpoint import numpy_state_to_plain
+
+    out = {slot: _map_tensors(getattr(state, slot), lambda t: t.detach().cpu().clone())
+           for slot in type(state).__slots__ if slot not in ("process_group", "rng")}
+    out["rng"] = numpy_state_to_plain(state.rng.get_state())  # weights_only checkpoints: no RandomState object
+    return out
 
 
 def load_hook_state(state: Any, saved: dict[str, Any] | None, device: torch.device) -> None:
     if state is None or not saved:
         return
     for slot, value in saved.items():
+        if slot == "rng":
+            from sparkdl.train.checkpoint import numpy_state_from_plain
+
+            state.rng.set_state(numpy_state_from_plain(value))
+            continue
         setattr(state, slot, _map_tensors(value, lambda t: t.to(device)))
