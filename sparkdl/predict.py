@@ -248,12 +248,13 @@ def predict_dataframe(
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-    from sparkdl.registry import get_model_version
+    from sparkdl.registry import check_model_factory, get_model_version
     from sparkdl.registry import trusted_modules as _trusted
 
     # Resolved here (argument, env, Spark conf) and shipped: executors trust exactly what the driver does.
     trusted = _trusted(trusted_modules, spark=df.sparkSession)
     mv = get_model_version(lakehouse, model_name, model_version)
+    check_model_factory(mv, trusted)  # fail here, not in every Python worker
     input_columns = list(mv.model_config.get("input_columns") or [])
     extra_codecs: dict[str, str] = {}
     if not input_columns:

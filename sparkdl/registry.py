@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 __all__ = ["ModelVersion", "publish_model", "list_versions", "get_model_version", "load_model", "list_models",
-           "trusted_modules", "cleanup_models", "TRUSTED_MODULES_ENV", "TRUSTED_MODULES_CONF", "ENTRY_POINT_GROUP"]
+           "trusted_modules", "check_model_factory", "cleanup_models", "TRUSTED_MODULES_ENV", "TRUSTED_MODULES_CONF", "ENTRY_POINT_GROUP"]
 
 log = logging.getLogger("sparkdl.registry")
 
@@ -264,6 +264,11 @@ def _factory(mv: ModelVersion, trusted: list[str]):
     raise UntrustedModelError(
         f"model {mv.name} v{mv.version} names the factory {spec!r}, which is neither a registered model "
         f"({registered_models()}) nor an entry point of group {ENTRY_POINT_GROUP!r}; install or register it")
+
+
+def check_model_factory(mv: ModelVersion, trusted_modules: Iterable[str] | None = None) -> None:
+    """``UntrustedModelError`` now (on the driver, before any task) when ``load_model`` would refuse ``mv``."""
+    _factory(mv, _allowlist(trusted_modules))
 
 
 def load_model(root: str, name: str, version: int | None = None, *, map_location: str = "cpu",
