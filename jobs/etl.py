@@ -62,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sparkdl.cli import run_job
+
+    sys.exit(run_job("etl", main))

@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES,
                "strategy": STRATEGIES}
     docs = _field_docs(TrainConfig)
-    floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "outer_lr", "outer_momentum",
-              "easgd_alpha", "bmuf_block_momentum", "bmuf_block_lr", "ps_timeout_s", "fedavg_local_lr", "dp_clip",
-              "dp_noise_multiplier", "dp_delta")
+    floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "collective_timeout_s", "outer_lr",
+              "outer_momentum", "easgd_alpha", "bmuf_block_momentum", "bmuf_block_lr", "ps_timeout_s", "fedavg_local_lr",
+              "dp_clip", "dp_noise_multiplier", "dp_delta")
     optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("fault_injection", "model_kwargs", "straggler"):
@@ -137,4 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sparkdl.cli import run_job
+
+    sys.exit(run_job("train", main, owns_debug_flag=True))

@@ -18,13 +18,18 @@ __all__ = [
     "LoaderError",
     "ImageDecodeError",
     "EmptyTableError",
+    "CheckpointError",
     "ClusterCapacityError",
     "RankFailedError",
+    "RankHungError",
     "NonFiniteLossError",
     "NonFiniteGradientError",
     "ModelNotFoundError",
+    "UntrustedModelError",
     "MissingColumnsError",
+    "attempt_label",
     "failure_reason",
+    "is_retryable",
 ]
 
 
@@ -44,7 +49,7 @@ class DataValidationError(NonRetryableError, ValueError):
     unsupported column type); the message names the column, shows offending values and the fix."""
 
 
-class SchemaMismatchError(SparkDLError, ValueError):
+class SchemaMismatchError(NonRetryableError, ValueError):
     """A DataFrame or table does not match its declared dataset schema."""
 
     def __init__(self, dataset: str, problems: list[str]) -> None:
@@ -53,11 +58,11 @@ class SchemaMismatchError(SparkDLError, ValueError):
         super().__init__(f"schema {dataset!r} does not match the data: " + "; ".join(problems))
 
 
-class TableNotFoundError(SparkDLError, FileNotFoundError):
+class TableNotFoundError(NonRetryableError, FileNotFoundError):
     """No Delta table exists at the given URI."""
 
 
-class TableVersionError(SparkDLError, ValueError):
+class TableVersionError(NonRetryableError, ValueError):
     """The requested version of a Delta table does not exist."""
 
 
@@ -72,8 +77,11 @@ class WriteAbortedError(SparkDLError):
     """A write failed before its commit; the table is left at its previous version."""
 
 
-class LoaderError(SparkDLError):
-    """The streaming loader cannot read or decode its input."""
+class LoaderError(NonRetryableError):
+    """The streaming loader cannot read or decode its input.
+
+    Not retried: the table version a run reads is immutable, so a relaunch reads the same
+    bytes (a corrupt file, a bad value, a column that does not decode) and fails the same way."""
 
 
 class EmptyTableError(LoaderError, ValueError):
@@ -84,6 +92,14 @@ class ImageDecodeError(LoaderError):
     """An encoded image could not be decoded; names the file and row."""
 
 
+class CheckpointError(NonRetryableError, KeyError):
+    """A checkpoint cannot be used: it holds more than tensors and plain data (it would need to run
+    pickled code to load, so it is refused), it is unreadable, or it lacks an entry; names the file."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class ClusterCapacityError(SparkDLError, RuntimeError):
     """The cluster cannot run the requested number of barrier tasks at once."""
 
@@ -91,13 +107,30 @@ class ClusterCapacityError(SparkDLError, RuntimeError):
 class RankFailedError(SparkDLError):
     """A training rank raised; carries the rank, the exception text and its traceback."""
 
-    def __init__(self, rank: int, error: str, traceback: str, attempt: int | None = None) -> None:
+    def __init__(self, rank: int, error: str, traceback: str, attempt: int | None = None,
+                 max_attempts: int | None = None, *, retryable: bool = True) -> None:
         self.rank = rank
         self.error = error
         self.traceback = traceback
         self.attempt = attempt
-        where = f"rank {rank}" + (f" (attempt {attempt})" if attempt is not None else "")
+        """0-based index of the launch attempt, like ``RankContext.attempt``; messages show it
+        counted from 1 ("attempt 1 of 2"), as the launcher's warnings do."""
+        self.max_attempts = max_attempts
+        self.retryable = retryable
+        """False when the rank's error was a ``NonRetryableError`` (a relaunch would repeat it)."""
+        where = f"rank {rank}" + (f" ({attempt_label(attempt, max_attempts)})" if attempt is not None else "")
         super().__init__(f"{where} failed: {error}\n--- traceback of {where} ---\n{traceback}")
+
+
+class RankHungError(RankFailedError):
+    """A rank stopped making progress (no step within the collective timeout) while its
+    process was still alive; reported as hung, not as exited."""
+
+
+def attempt_label(attempt: int, max_attempts: int | None = None) -> str:
+    """The one way attempts are shown to people: counted from 1 ("attempt 1 of 2"), while
+    ``attempt`` indexes are 0-based in code (``RankContext.attempt``, fault injection)."""
+    return f"attempt {attempt + 1}" + (f" of {max_attempts}" if max_attempts else "")
 
 
 class NonFiniteLossError(SparkDLError, FloatingPointError):
@@ -131,11 +164,16 @@ class NonFiniteGradientError(NonFiniteLossError):
         )
 
 
-class ModelNotFoundError(SparkDLError, FileNotFoundError):
+class ModelNotFoundError(NonRetryableError, FileNotFoundError):
     """No published model (or model version) exists under the given name."""
 
 
-class MissingColumnsError(SparkDLError, ValueError):
+class UntrustedModelError(NonRetryableError, ValueError):
+    """A published model's config names a factory this process does not trust (not registered,
+    not an entry point, not in an allowlisted module); nothing was imported. Names the fix."""
+
+
+class MissingColumnsError(NonRetryableError, ValueError):
     """Input data lacks columns that a model or schema needs."""
 
     def __init__(self, what: str, missing: list[str], available: list[str]) -> None:
@@ -144,6 +182,19 @@ class MissingColumnsError(SparkDLError, ValueError):
         super().__init__(
             f"{what} needs columns {missing} that the input lacks; available columns: {available}"
         )
+
+
+def is_retryable(e: BaseException) -> bool:
+    """False when ``e`` or an exception it was raised from (``raise ... from``) is a
+    ``NonRetryableError``: a relaunch of the run would only repeat it."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        if isinstance(cur, NonRetryableError) or (isinstance(cur, RankFailedError) and not cur.retryable):
+            return False
+        seen.append(cur)
+        cur = cur.__cause__
+    return True
 
 
 # ---------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ __all__ = [
     "normalize_uri",
     "join_uri",
     "cleanup_staging",
+    "check_name",
+    "table_uri",
     "STAGING_KEY",
 ]
 
@@ -480,6 +482,36 @@ def _live_folders(uri: str, storage_options: Mapping[str, str] | None) -> set[st
 # ---------------------------------------------------------------------------------------
 # Layout of the lakehouse
 # ---------------------------------------------------------------------------------------
+# A name is one folder under tables/, specs/, models/ or runs/: no separators, no leading dot.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` when it names one folder of the lakehouse, else ``ValueError`` naming ``kind`` and the fix.
+
+    Checked on reads as on writes: ``../../other/models/x`` must not resolve outside the lakehouse."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"{kind} name {name!r} is invalid: use letters, digits, '.', '_' and '-' only, starting "
+                         f"with a letter or digit (it names one folder in the lakehouse)")
+    return name
+
+
+def table_uri(root: str, name_or_uri: str, *, kind: str = "table") -> str:
+    """A table given by name (under ``<root>/tables``) or by an absolute path or URI.
+
+    A relative path is neither: ``../../x`` would escape the lakehouse (or land wherever the
+    job happens to run), so it is refused with the fix."""
+    text = os.fspath(name_or_uri)
+    if "://" in text or text.startswith("file:") or os.path.isabs(os.path.expanduser(text)):
+        return normalize_uri(text)
+    if not isinstance(text, str) or not _NAME_RE.fullmatch(text):
+        raise ValueError(
+            f"{kind} {text!r} is neither a table name (letters, digits, '.', '_', '-': one folder under "
+            f"<lakehouse>/tables) nor an absolute path or URI; give the table's name, or an absolute path "
+            "or URI for a table outside the lakehouse")
+    return Lakehouse(root).table(text)
+
+
 @dataclass(frozen=True)
 class Lakehouse:
     """Folder layout under one lakehouse root (a local folder by default).
@@ -496,19 +528,19 @@ class Lakehouse:
         object.__setattr__(self, "root", normalize_uri(self.root))
 
     def table(self, name: str) -> str:
-        return join_uri(self.root, "tables", name)
+        return join_uri(self.root, "tables", check_name("table", name))
 
     def spec_dir(self, name: str) -> str:
-        return join_uri(self.root, "specs", name)
+        return join_uri(self.root, "specs", check_name("spec", name))
 
     def models(self) -> str:
         return join_uri(self.root, "models")
 
     def model(self, name: str) -> str:
-        return join_uri(self.root, "models", name)
+        return join_uri(self.root, "models", check_name("model", name))
 
     def run(self, run_id: str) -> str:
-        return join_uri(self.root, "runs", run_id)
+        return join_uri(self.root, "runs", check_name("run", run_id))
 
     def cache(self) -> str:
         return join_uri(self.root, "cache")

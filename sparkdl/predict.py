@@ -78,9 +78,9 @@ class PredictResult:
 
 
 def _table_uri(lakehouse: str, name_or_uri: str) -> str:
-    if "/" in name_or_uri or "://" in name_or_uri:
-        return normalize_uri(name_or_uri)
-    return Lakehouse(lakehouse).table(name_or_uri)
+    from sparkdl.lakehouse import table_uri
+
+    return table_uri(lakehouse, name_or_uri)
 
 
 def _prepare_inputs(df: "DataFrame", input_columns: list[str], preprocessing: dict | None) -> "DataFrame":
@@ -112,7 +112,8 @@ def _dumps(obj: Any) -> str:
 
 
 def _make_predict_fn_factory(
-    lakehouse: str, model_name: str, model_version: int, input_columns: list[str], codecs: dict[str, str]
+    lakehouse: str, model_name: str, model_version: int, input_columns: list[str], codecs: dict[str, str],
+    trusted_modules: list[str] | None = None,
 ) -> Callable[[], Callable[..., dict[str, np.ndarray]]]:
     """The factory ``predict_batch_udf`` calls once per Python worker."""
 
@@ -122,7 +123,8 @@ def _make_predict_fn_factory(
         from sparkdl.registry import load_model
 
         device = _worker_device()
-        model, _ = load_model(lakehouse, model_name, model_version, map_location=str(device))
+        model, _ = load_model(lakehouse, model_name, model_version, map_location=str(device),
+                              trusted_modules=trusted_modules)
         model.to(device).eval()
         task = getattr(model, "task", "binary")
 
@@ -231,6 +233,7 @@ def predict_dataframe(
     batch_size: int = 1024,
     keep_columns: list[str] | None = None,
     input_schema: "DatasetSchema | None" = None,
+    trusted_modules: list[str] | None = None,
 ) -> "DataFrame":
     """Score ``df`` with a published model: returns ``keep_columns`` + ``prediction`` (int) +
     ``score`` (probability of class 1 for binary models, of the predicted class otherwise)
@@ -238,21 +241,27 @@ def predict_dataframe(
 
     The model's input columns are those recorded when it was published; image codecs and
     tensor shapes come from ``input_schema`` (the dataset schema of ``df``; ``predict_table``
-    passes the scored table's), else from the model version and its training table."""
+    passes the scored table's), else from the model version and its training table.
+    ``trusted_modules``: modules whose ``module:attr`` factory the model config may name (added to
+    ``SPARKDL_TRUSTED_MODULES`` and ``spark.sparkdl.trustedModules``; see ``sparkdl.registry``)."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-    from sparkdl.registry import get_model_version
+    from sparkdl.registry import check_model_factory, get_model_version
+    from sparkdl.registry import trusted_modules as _trusted
 
+    # Resolved here (argument, env, Spark conf) and shipped: executors trust exactly what the driver does.
+    trusted = _trusted(trusted_modules, spark=df.sparkSession)
     mv = get_model_version(lakehouse, model_name, model_version)
+    check_model_factory(mv, trusted)  # fail here, not in every Python worker
     input_columns = list(mv.model_config.get("input_columns") or [])
     extra_codecs: dict[str, str] = {}
     if not input_columns:
         # Published without a record of its inputs: ask the model class (loads it once here).
         from sparkdl.registry import load_model
 
-        model, _ = load_model(lakehouse, model_name, mv.version)
+        model, _ = load_model(lakehouse, model_name, mv.version, trusted_modules=trusted)
         input_columns = list(getattr(model, "input_columns", []))
         extra_codecs = dict(getattr(model, "input_codecs", {}) or {})
         del model
@@ -281,7 +290,7 @@ def predict_dataframe(
             shape = [int(first["n"])] if first is not None else [1]
         shapes.append(shape if isinstance(prepared.schema[c].dataType, ArrayType) else None)
     udf = predict_batch_udf(
-        _make_predict_fn_factory(lakehouse, model_name, mv.version, input_columns, codecs),
+        _make_predict_fn_factory(lakehouse, model_name, mv.version, input_columns, codecs, trusted),
         return_type=StructType([StructField("prediction", IntegerType()), StructField("score", FloatType())]),
         batch_size=batch_size,
         input_tensor_shapes=shapes if any(shapes) else None,

@@ -81,10 +81,10 @@ def _bad_config_on_rank1() -> str:
     import torch
     import torch.distributed as dist
 
+    from sparkdl.errors import DataValidationError
+
     if rank_context().rank == 1:
-        e = ValueError(f"bad setting (attempt {rank_context().attempt})")
-        e._sparkdl_no_retry = True
-        raise e
+        raise DataValidationError(f"bad setting (attempt {rank_context().attempt})")
     dist.all_reduce(torch.ones(1))
     return "unreachable"
 
@@ -151,6 +151,7 @@ def test_rank_exception_reaches_driver_with_rank_and_traceback(spark):
         run_distributed(_fail_on_rank1, "boom", spark=spark, config=TWO)
     err = info.value
     assert err.rank == 1 and err.attempt == 0
+    assert "rank 1 (attempt 1 of 1) failed" in str(err)  # counted from 1, like the relaunch warning
     assert "ValueError: boom" in err.error
     assert "Traceback" in err.traceback and "_fail_on_rank1" in err.traceback
     assert "rank 1" in str(err) and "boom" in str(err)
@@ -207,6 +208,7 @@ def test_a_failure_marked_not_retryable_is_raised_without_relaunching():
     with pytest.raises(RankFailedError) as info:
         run_distributed(_bad_config_on_rank1, config=cfg)
     assert info.value.rank == 1 and info.value.attempt == 0 and "bad setting (attempt 0)" in info.value.error
+    assert not info.value.retryable and "DataValidationError: bad setting" in info.value.error
 
 
 def test_local_mode_retry():

@@ -179,7 +179,10 @@ def probe_model(spark, tmp_path_factory):
         ColumnSpec(name="w", type="float32"),
     ))
     write_table(df, Lakehouse(root).table("probe_in"), mode="overwrite", schema=schema)
+    # A module:attr factory read from a model file loads only from an allowlisted module.
+    os.environ["SPARKDL_TRUSTED_MODULES"] = "sparkdl_probe_model"
     yield root, logs, rows
+    os.environ.pop("SPARKDL_TRUSTED_MODULES", None)
     sys.path.remove(str(base))
 
 

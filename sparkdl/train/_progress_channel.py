@@ -1,17 +1,25 @@
 """Driver <-> rank event channel: JSON lines over one TCP connection per rank.
 
 The driver runs a small server thread; each rank connects lazily and sends one JSON object per
-line. The connection is plain, unauthenticated TCP, like the one TorchDistributor and
-torch.distributed's own TCPStore use: it carries progress events (and failure reports), never
-code, and it listens only on the driver's address (``spark.driver.bindAddress`` /
-``spark.driver.host``; 127.0.0.1 in local mode) for the duration of ``run_distributed``.
+line. It carries progress events and failure reports, never code, and listens only on the
+driver's address (``spark.driver.bindAddress`` / ``spark.driver.host``; 127.0.0.1 in local
+mode) for the duration of ``run_distributed``.
+
+Every line carries the run's token: a random value made per ``run_distributed`` call and sent to
+the ranks inside the task payload (over Spark's own channel to the executors, or the spawn pipe
+in local mode). Lines without it are dropped, so another process that can reach the port cannot
+fail or abort a run with a forged failure report (``"retry": false``). Malformed lines are
+dropped and logged; nothing a peer sends can stop the server thread. The token authenticates,
+it does not encrypt: events travel in clear text (see docs/security.md).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import queue
+import secrets
 import selectors
 import socket
 import threading
@@ -24,6 +32,7 @@ log = logging.getLogger("sparkdl.train")
 
 # Events carrying this key are the launcher's own (rank failures); they never reach on_progress.
 INTERNAL_KEY = "_sparkdl"
+TOKEN_KEY = "_sparkdl_token"
 _MAX_LINE = 1 << 20
 
 
@@ -47,6 +56,8 @@ class ProgressServer:
 
     def __init__(self, on_event: Callable[[dict], None] | None, *, bind_host: str, advertise_host: str) -> None:
         self._on_event = on_event
+        self.token = secrets.token_hex(16)
+        """Per-run secret the ranks put in every line (``ProgressClient(token=)``)."""
         self._listener = socket.create_server((bind_host, 0))
         self._listener.setblocking(False)
         self.address = f"{advertise_host}:{self._listener.getsockname()[1]}"
@@ -117,7 +128,12 @@ class ProgressServer:
                     *lines, rest = bytes(buf).split(b"\n")
                     buffers[conn] = bytearray(rest if len(rest) < _MAX_LINE else b"")
                     for line in lines:
-                        owner = self._dispatch(line)
+                        try:
+                            owner = self._dispatch(line)
+                        except Exception:  # a malformed line must never stop the channel
+                            log.warning("dropping a progress line that could not be handled (%d bytes)", len(line),
+                                        exc_info=True)
+                            owner = None
                         if owner is not None:
                             owners[conn] = owner
                     if not chunk:
@@ -151,9 +167,17 @@ class ProgressServer:
             return None
         if not isinstance(event, dict):
             return None
+        token = event.pop(TOKEN_KEY, None)
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.token.encode()):
+            log.warning("dropping a progress line without this run's token (%d bytes)", len(line))
+            return None
         kind = event.pop(INTERNAL_KEY, None)
         if kind is not None:
-            owner = (int(event.get("attempt", -1)), int(event.get("rank", -1)))
+            try:
+                owner = (int(event.get("attempt", -1)), int(event.get("rank", -1)))
+            except (TypeError, ValueError):
+                log.warning("dropping an internal progress line with a malformed attempt or rank")
+                return None
             with self._lock:
                 if kind == "start":
                     self.states[owner] = "running"
@@ -176,10 +200,11 @@ class ProgressClient:
     Best effort by design: when the queue is full or the driver is unreachable, events are
     dropped rather than slowing the training step."""
 
-    def __init__(self, address: str, rank: int, attempt: int, *, max_pending: int = 10_000,
+    def __init__(self, address: str, rank: int, attempt: int, *, token: str, max_pending: int = 10_000,
                  io_timeout_s: float = 5.0) -> None:
         host, port = address.rsplit(":", 1)
         self._addr = (host, int(port))
+        self._token = token
         self._rank = rank
         self._attempt = attempt
         self._timeout = io_timeout_s
@@ -192,7 +217,7 @@ class ProgressClient:
 
     def send(self, event: dict, *, internal: str | None = None) -> None:
         try:
-            body = {**event, "rank": self._rank}
+            body = {**event, "rank": self._rank, TOKEN_KEY: self._token}
             if internal:
                 body.update({INTERNAL_KEY: internal, "attempt": self._attempt})
             line = json.dumps(body, default=_jsonable).encode() + b"\n"

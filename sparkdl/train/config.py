@@ -84,6 +84,8 @@ class TrainConfig:
     """Stage attempts: after a rank or executor dies, training resumes from the last checkpoint."""
     start_timeout_s: float = 60.0
     """Seconds to wait for executors to offer num_ranks task slots on a cluster (a local master fails at once)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank may go without making progress (a collective its peers wait in) before the run fails, naming it as hung; raise it for steps, checkpoints or validations slower than this."""
     seed: int = 0
     """Seed of the model init, the loader's shuffles and dropout (dropout uses seed + rank)."""
     deterministic: bool = False
@@ -183,6 +185,8 @@ class TrainConfig:
             raise bad("grad_clip", "must be a positive max norm, e.g. 1.0; None turns clipping off")
         if not is_num(self.start_timeout_s) or self.start_timeout_s < 0:
             raise bad("start_timeout_s", "must be a number of seconds >= 0")
+        if not is_num(self.collective_timeout_s) or self.collective_timeout_s <= 0:
+            raise bad("collective_timeout_s", "must be a number of seconds > 0, e.g. 600")
         if not isinstance(self.model_kwargs, dict):
             raise bad("model_kwargs", "must be a dict of factory arguments")
         if self.feature_columns is not None and (

@@ -49,7 +49,9 @@ class TrainResult:
 
 
 def _uri(root: str, name: str) -> str:
-    return normalize_uri(name) if ("/" in name or "://" in name) else Lakehouse(root).table(name)
+    from sparkdl.lakehouse import table_uri
+
+    return table_uri(root, name)
 
 
 def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[RankSetup, dict[str, Any], Any, Any]:
@@ -211,7 +213,8 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
     setup = replace(setup, run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
     launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
-                          max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env)
+                          max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env,
+                          pg_timeout_s=config.collective_timeout_s)
     if not config.local_mode:
         _check_capacity(spark, launch)
     if not exists:  # only now: a config that fails the checks above leaves no run folder behind

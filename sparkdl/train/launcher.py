@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pyspark import cloudpickle
 
-from sparkdl.errors import ClusterCapacityError, RankFailedError
+from sparkdl.errors import ClusterCapacityError, RankFailedError, RankHungError, attempt_label
 from sparkdl.train._progress_channel import ProgressServer
-from sparkdl.train._rank import FAILURE_MARKER, barrier_task, free_port, local_process_main
+from sparkdl.train._rank import FAILURE_MARKER, barrier_task, listen_socket, local_process_main
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -35,6 +35,8 @@ log = logging.getLogger("sparkdl.train")
 _FAILURE_RE = re.compile(re.escape(FAILURE_MARKER) + r"(\{.*?\})" + re.escape(FAILURE_MARKER), re.S)
 # Errors a rank gets because a *peer* went away; never preferred as the root cause.
 _COMM_ERROR_RE = re.compile(r"Dist\w*Error|gloo|NCCL|Connection (closed|reset) by peer|Broken pipe|ProcessGroup")
+# A peer's collective timed out: the rank it waited for was silent for the whole timeout.
+_TIMEOUT_RE = re.compile(r"time[ds]? ?out|Timeout", re.I)
 _CRASH_RE = re.compile(r"Python worker exited unexpectedly|worker.*crashed|Python worker.*killed", re.I)
 # How long, after a first failure, to wait for the other ranks' reports before diagnosing.
 _SETTLE_S = 5.0
@@ -59,7 +61,8 @@ class LaunchConfig:
     master fails at once, and so does a cluster whose expected executors (local-cluster[N,..], or
     spark.executor.instances with dynamic allocation off) have all registered."""
     pg_timeout_s: float = 600.0
-    """Timeout of torch.distributed collectives: a rank stuck this long fails the run instead of hanging."""
+    """Timeout of torch.distributed collectives (and of the store rendezvous): a rank that stops making
+    progress for this long fails the run, reported as hung, instead of blocking it."""
     torch_threads: int | None = 1
     """torch.set_num_threads (and OMP_NUM_THREADS) in each rank; None leaves torch's default."""
     env: dict[str, str] = field(default_factory=dict)
@@ -102,10 +105,16 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     ``sparkdl.train._progress_channel``) that closes when this function returns.
 
     Raises ``RankFailedError`` (rank, error, traceback, attempt) when a rank fails on the last
-    attempt; earlier failures relaunch all ranks (``rank_context().attempt`` counts them), except
-    an exception the function marked as not worth retrying (``e._sparkdl_no_retry = True``),
-    which is raised at once.
-    Raises ``ClusterCapacityError`` at once when the cluster cannot host the ranks."""
+    attempt; earlier failures relaunch all ranks (``rank_context().attempt`` counts them from 0;
+    messages show "attempt 1 of N"), except a ``sparkdl.errors.NonRetryableError`` (or an error
+    raised from one), which a relaunch would only repeat: it is raised at once, with
+    ``retryable=False``. ``RankHungError`` names a rank that stopped making progress (its peers'
+    collectives timed out after ``pg_timeout_s`` while it was still running).
+    Raises ``ClusterCapacityError`` at once when the cluster cannot host the ranks.
+
+    Every listener of a run binds one address: the rendezvous store and gloo/NCCL on the
+    address rank 0 is reached by (loopback in local mode), the progress channel on the driver's
+    address; see docs/security.md."""
     if not config.local_mode and spark is None:
         raise ValueError("run_distributed needs spark= for barrier mode, or config.local_mode=True")
     if not config.local_mode:
@@ -116,7 +125,7 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
             payload = cloudpickle.dumps({
                 "fn": fn, "args": args, "kwargs": kwargs, "backend": config.resolved_backend,
                 "env": dict(config.env), "torch_threads": config.torch_threads, "pg_timeout_s": config.pg_timeout_s,
-                "progress": server.address, "user_events": on_progress is not None,
+                "progress": server.address, "progress_token": server.token, "user_events": on_progress is not None,
             })
         except Exception as e:
             raise ValueError(f"run_distributed could not pickle fn {fn!r} or its arguments: {e}") from e
@@ -128,10 +137,10 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
                     _check_capacity(spark, config)
                 return _run_barrier(spark, payload, config, attempt, server)
             except RankFailedError as e:
-                if attempt + 1 >= config.max_attempts or not getattr(e, "retryable", True):
+                if attempt + 1 >= config.max_attempts or not e.retryable:
                     raise
-                log.warning("attempt %d of %d failed on rank %d (%s); relaunching all %d ranks",
-                            attempt + 1, config.max_attempts, e.rank, e.error, config.num_ranks)
+                log.warning("%s failed on rank %d (%s); relaunching all %d ranks",
+                            attempt_label(attempt, config.max_attempts), e.rank, e.error, config.num_ranks)
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -204,47 +213,78 @@ def _is_comm_error(failure: dict) -> bool:
     return bool(_COMM_ERROR_RE.search(failure.get("error", "")))
 
 
-def _diagnose(attempt: int, server: ProgressServer, text: str = "", reported: list[dict] | None = None,
-              deaths: dict[int, str] | None = None) -> RankFailedError:
+def _marker(text: str) -> dict | None:
+    """The failure report a rank put in Spark's error text, if any (None when absent or garbled)."""
+    m = _FAILURE_RE.search(text)
+    if not m:
+        return None
+    try:
+        info = json.loads(m.group(1))
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("rank"), int) else None
+
+
+def _diagnose(config: LaunchConfig, attempt: int, server: ProgressServer, text: str = "",
+              reported: list[dict] | None = None, deaths: dict[int, str] | None = None) -> RankFailedError:
     """Pick the root cause among what the ranks reported and what is known about ranks that died.
 
     When one rank fails, its peers fail too ("connection closed by peer"), so the order of
-    preference is: a rank's own error (earliest first), then a rank that died without a word,
-    then the peers' communication errors."""
+    preference is: a rank's own error (earliest first); then, when a peer's collective timed out,
+    a rank that sent no report and was still alive (hung: Spark or the launcher stopped it
+    afterwards); then a rank that died without a word; then the peers' communication errors."""
     failures, _states, channel_deaths = server.snapshot(attempt)
     failures = list(failures) + list(reported or [])
-    m = _FAILURE_RE.search(text)
-    if m:
-        failures.append(json.loads(m.group(1)))
-    deaths = dict(deaths or {})
+    marker = _marker(text)
+    if marker is not None:
+        failures.append(marker)
+    crashed = dict(deaths or {})  # local mode: exit codes, known to precede the peers' errors
+    deaths = dict(crashed)
     for rank, when in sorted(channel_deaths.items(), key=lambda kv: kv[1]):
         deaths.setdefault(rank, "Python worker exited (crashed or was killed) without reporting an error")
-    if not m and _CRASH_RE.search(text):
-        crashed = re.search(r"ResultTask\(\d+, (\d+)\)|Lost task (\d+)\.\d+", text)
-        rank = int(next(g for g in crashed.groups() if g is not None)) if crashed else -1
+    if marker is None and _CRASH_RE.search(text):
+        lost = re.search(r"ResultTask\(\d+, (\d+)\)|Lost task (\d+)\.\d+", text)
+        rank = int(next(g for g in lost.groups() if g is not None)) if lost else -1
         deaths.setdefault(rank, "Python worker exited (crashed or was killed) without reporting an error")
+        crashed.setdefault(rank, deaths[rank])
     unique: dict[tuple[Any, str], dict] = {}
     for f in failures:  # the same report can arrive over the channel and in Spark's error text
         unique.setdefault((f.get("rank"), f.get("error", "")), f)
     failures = list(unique.values())
     own = sorted((f for f in failures if not _is_comm_error(f)), key=lambda f: f.get("time", 0.0))
     if own:
-        return _rank_error(own[0], attempt)
-    tail = "" if m else _spark_summary(text)  # with a marker, the text only repeats a peer's report
+        return _rank_error(own[0], attempt, config.max_attempts)
+    tail = "" if marker is not None else _spark_summary(text)  # a marker's text only repeats a peer's report
     peers = "".join(f"\nrank {f['rank']} then failed with: {f['error']}" for f in failures)
+    first = min((f.get("time", 0.0) for f in failures), default=None)
+    if first is not None and any(_TIMEOUT_RE.search(f.get("error", "")) for f in failures):
+        reported_ranks = {f.get("rank") for f in failures}
+        # Alive when the first peer timed out: no report, no known crash, and its channel (if it
+        # dropped at all) dropped only after that, when the stage was torn down.
+        hung = [r for r in range(config.num_ranks) if r not in reported_ranks and r not in crashed
+                and channel_deaths.get(r, float("inf")) >= first]
+        if hung:
+            rank = hung[0]
+            detail = (f"rank {rank} hung: it stopped making progress and sent no error while its peers waited "
+                      f"{config.pg_timeout_s:g}s for it in a collective (it was stuck in a deadlock, blocked I/O, "
+                      "a collective the others did not call, or an endless loop); it was stopped. If it was only "
+                      "slow, raise the collective timeout (TrainConfig.collective_timeout_s)")
+            return RankHungError(rank, detail, (detail + peers + ("\n" + tail if tail else "")).strip(), attempt,
+                                 config.max_attempts)
     if deaths:
         rank = min(deaths, key=lambda r: (r < 0, r))
         detail = deaths[rank]
-        return RankFailedError(rank, detail, (detail + peers + ("\n" + tail if tail else "")).strip(), attempt)
+        return RankFailedError(rank, detail, (detail + peers + ("\n" + tail if tail else "")).strip(), attempt,
+                               config.max_attempts)
     if failures:
-        return _rank_error(sorted(failures, key=lambda f: f.get("time", 0.0))[0], attempt)
-    return RankFailedError(-1, "the launch failed before any rank reported", tail, attempt)
+        return _rank_error(sorted(failures, key=lambda f: f.get("time", 0.0))[0], attempt, config.max_attempts)
+    return RankFailedError(-1, "the launch failed before any rank reported", tail, attempt, config.max_attempts)
 
 
-def _rank_error(failure: dict, attempt: int) -> RankFailedError:
-    err = RankFailedError(int(failure["rank"]), failure["error"], failure["traceback"], attempt)
-    err.retryable = bool(failure.get("retry", True))  # False: the rank marked it deterministic
-    return err
+def _rank_error(failure: dict, attempt: int, max_attempts: int) -> RankFailedError:
+    # retry=False: the rank's error was a NonRetryableError (a relaunch would repeat it).
+    return RankFailedError(int(failure["rank"]), str(failure.get("error", "")), str(failure.get("traceback", "")),
+                           attempt, max_attempts, retryable=bool(failure.get("retry", True)))
 
 
 def _spark_summary(text: str, lines: int = 40) -> str:
@@ -274,18 +314,26 @@ def _run_barrier(spark: "SparkSession", payload: bytes, config: LaunchConfig, at
     except Exception as e:  # Py4JJavaError / PythonException: the text carries the rank's marker
         # Spark kills the barrier siblings (spark.python.task.killTimeout later, their workers).
         _settle(server, attempt, config.num_ranks)
-        raise _diagnose(attempt, server, text=str(e)) from e
+        raise _diagnose(config, attempt, server, text=str(e)) from e
     finally:
         sc.setJobDescription(None)
     if not out:
-        raise RankFailedError(0, "rank 0 returned no result to the driver", "", attempt)
+        raise RankFailedError(0, "rank 0 returned no result to the driver", "", attempt, config.max_attempts)
     return cloudpickle.loads(out[0])
 
 
 def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: ProgressServer) -> Any:
+    import torch.distributed as dist
+    from datetime import timedelta
+
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = free_port("127.0.0.1")
+    # The driver serves this attempt's rendezvous store, on loopback, from a socket that stays
+    # bound from the moment its port is known (no free-port probe to race with).
+    sock = listen_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, None, is_master=True, timeout=timedelta(seconds=config.pg_timeout_s),
+                          wait_for_workers=False, master_listen_fd=sock.detach())
     logdir = Path(tempfile.mkdtemp(prefix="sparkdl-ranks-"))
     procs = []
     for rank in range(config.num_ranks):
@@ -311,7 +359,7 @@ def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: Progr
                              f"command: {procs[r].name} (multiprocessing spawn, rank {r} of {config.num_ranks})\n"
                              f"--- last lines of its output ---\n{_tail(logdir / f'rank{r}.log') or '(no output)'}"
                           for r in _dead_without_word(procs, ok, errors)}
-                raise _diagnose(attempt, server, reported=list(errors.values()), deaths=deaths)
+                raise _diagnose(config, attempt, server, reported=list(errors.values()), deaths=deaths)
     finally:
         for p in procs:
             p.join(timeout=5 if failed_at is None else 0.5)
@@ -319,6 +367,7 @@ def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: Progr
                 p.kill()
                 p.join()
         results.close()
+        del store
         shutil.rmtree(logdir, ignore_errors=True)  # the error already carries each dead rank's output tail
     return cloudpickle.loads(ok[0])
 
@@ -336,8 +385,7 @@ def _collect(results: Any, ok: dict, errors: dict, timeout_s: float) -> bool:
     if status == "ok":
         ok[rank] = data
     else:
-        m = _FAILURE_RE.search(data)
-        errors[rank] = json.loads(m.group(1)) if m else {"rank": rank, "error": data, "traceback": ""}
+        errors[rank] = _marker(data) or {"rank": rank, "error": data, "traceback": ""}
     return True
 
 

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparkdl.train.checkpoint import checkpoint_uri, latest_checkpoint, load_checkpoint, save_checkpoint
+from sparkdl.errors import NonRetryableError
+from sparkdl.train.checkpoint import (capture_rng, checkpoint_uri, latest_checkpoint, load_checkpoint, restore_rng,
+                                      save_checkpoint)
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.context import rank_context
 from sparkdl.train.handoff import RankSetup
@@ -28,7 +30,6 @@ from sparkdl.train.nonfinite import NonFinite, NonFiniteGuard
 from sparkdl.train.optim import lr_factor
 from sparkdl.train.precision import Precision
 from sparkdl.train.strategies import build_strategy
-from sparkdl.train.strategies._rngstate import numpy_state, python_state, set_numpy_state, set_python_state
 
 __all__ = ["train_rank"]
 
@@ -83,9 +84,8 @@ class _RankRun:
         self.train = self.valid = self.strategy = None
         try:
             self._build()
-        except _DETERMINISTIC as e:
-            e._sparkdl_no_retry = True  # read by the launcher: fail at once instead of relaunching
-            raise
+        except _DETERMINISTIC as e:  # the launcher fails at once instead of relaunching
+            raise NonRetryableError(str(e)) from e
 
     # ----- setup -----
     def _build(self) -> None:
@@ -160,12 +160,7 @@ class _RankRun:
         self.sched.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))
         self.train.load_state_dict(state["loaders"][self.rank])
-        rng = state["rng"][self.rank]
-        torch.set_rng_state(rng["torch"])
-        set_numpy_state(rng["numpy"])
-        set_python_state(rng["python"])
-        if rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        restore_rng(state["rng"][self.rank], self.device)
         keys = (state.get("strategy") or {}).get("keys", ["comm_hook"])
         self.strategy.load_state_dict({k: state[k][self.rank] for k in keys if k in state})
         self.step, self.start_epoch, self.history = state["step"], state["epoch"], state["history"]
@@ -311,8 +306,7 @@ class _RankRun:
     def _checkpoint(self, epoch: int) -> None:
         """Checkpoint (every rank takes part); ``epoch`` is where a resume starts."""
         self.guard.check_parameters(self.step, self.model.parameters(), self.strategy.reduce)
-        rng = {"torch": torch.get_rng_state(), "numpy": numpy_state(), "python": python_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rng = capture_rng(self.device)
         extra = self.strategy.state_dict()
         clash = _LOOP_KEYS & set(extra)
         if clash:

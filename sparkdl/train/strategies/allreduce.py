@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sparkdl.train.strategies._rngstate import numpy_state, set_numpy_state
+from sparkdl.train.checkpoint import numpy_state_from_plain, numpy_state_to_plain
 from sparkdl.train.strategies.base import Strategy
 
 __all__ = ["AllReduce"]
@@ -71,7 +71,7 @@ class AllReduce(Strategy):
             value = getattr(state, slot)
             if slot == "process_group":
                 continue
-            saved[slot] = numpy_state(value) if isinstance(value, np.random.RandomState) else \
+            saved[slot] = numpy_state_to_plain(value.get_state()) if isinstance(value, np.random.RandomState) else \
                 _map_tensors(value, lambda t: t.detach().cpu().clone())
         return {"comm_hook": saved}
 
@@ -81,7 +81,7 @@ class AllReduce(Strategy):
             return
         for slot, value in saved.items():
             if slot == "rng":
-                set_numpy_state(value, self.hook_state.rng)
+                self.hook_state.rng.set_state(numpy_state_from_plain(value))
             else:
                 setattr(self.hook_state, slot, _map_tensors(value, lambda t: t.to(self.device)))
 
