@@ -175,10 +175,10 @@ def load_model(root: str, name: str, version: int | None = None, *, map_location
     """Rebuild the model from its config and load the safetensors weights: (module, ModelVersion)."""
     from safetensors.torch import load
 
-    from sparkdl.models import build_model
+    from sparkdl.models import build_published
 
     mv = get_model_version(root, name, version)
-    model = build_model(mv.model_config["factory"], **mv.model_config.get("kwargs", {}))
+    model = build_published(mv.model_config, spec=mv.preprocessing)
     state = load(_fs.read_bytes(_fs.join(mv.uri, "model.safetensors")))
     model.load_state_dict(state)
     model.to(map_location)

@@ -59,12 +59,6 @@ class _Rate:
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-def _loss_fn(task: str):
-    if task == "binary":
-        return lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
-    return lambda logits, y: torch.nn.functional.cross_entropy(logits, y.long())
-
-
 def _finite_stat(value: torch.Tensor) -> torch.Tensor:
     """[is nan, is inf, value or 0] of a scalar, to all-reduce: every rank learns what any rank saw."""
     v = value.double().reshape(())
@@ -103,7 +97,7 @@ class _RankRun:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         _seed(cfg.seed)
-        model = build_model(cfg.model, **setup.model_kwargs).to(device)
+        model = build_model(cfg.model, features=setup.features, **setup.model_kwargs).to(device)
         if cfg.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
@@ -112,8 +106,8 @@ class _RankRun:
         _seed(cfg.seed + self.rank)
         self.hook_state = register_comm_hook(self.ddp, cfg)
         self.opt = build_optimizer(cfg, self.ddp.parameters())
-        self.loss_fn = _loss_fn(setup.task)
-        columns = setup.feature_columns + [self.label]
+        self.task = setup.make_task()
+        columns = setup.loader_columns
         self.ids_column = setup.log_row_ids
         if self.ids_column:
             columns.append(self.ids_column)
@@ -204,7 +198,8 @@ class _RankRun:
             if not complete:  # max_steps stopped it: a resume with more steps finishes this epoch
                 row["partial"] = True
             if self.valid is not None:
-                row.update(validate(self.model, self.valid, self.label, self.setup.task, self.device))
+                row.update(validate(self.model, self.valid, self.label, self.task, self.device,
+                                    weight=self.setup.weight_column))
             self.history = [h for h in self.history if h["epoch"] != epoch + 1] + [row]
             self._checkpoint(epoch + 1 if complete else epoch)
             if complete:
@@ -229,7 +224,7 @@ class _RankRun:
             sync = micro % accum == 0
             with nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.loss_fn(self.ddp(batch).float(), batch[self.label]) / accum
+                    loss = self.task.loss(self.ddp(batch), batch[self.label], batch.get(self.setup.weight_column)) / accum
                 if self._fault("nan"):
                     loss = loss * float("nan")
                 loss_stat += _finite_stat(loss.detach())
