@@ -189,10 +189,11 @@ def trained(lake):
 def test_each_task_trains_past_its_bar(trained):
     reg, mc, ml, txt = (trained[k].metrics for k in ("regression", "multiclass", "multilabel", "tokens"))
     print(f"regression {reg}\nmulticlass {mc}\nmultilabel {ml}\ntokens {txt}")
-    assert reg["val_r2"] > 0.9 and reg["val_rmse"] < 0.8 and set(reg) >= {"val_mae", "val_loss"}
-    assert mc["val_accuracy"] > 0.85 and mc["val_macro_f1"] > 0.85 and "val_top5_accuracy" not in mc
-    assert ml["val_accuracy"] > 0.85 and ml["val_macro_f1"] > 0.8 and "val_subset_accuracy" in ml
-    assert txt["val_accuracy"] > 0.8 and txt["val_auc"] > 0.85 and "val_log_loss" in txt
+    # Bars well above what ignoring the features gives (r2 0, accuracy 0.25 / ~0.6 per label / ~0.5).
+    assert reg["val_r2"] > 0.95 and reg["val_rmse"] < 0.5 and set(reg) >= {"val_mae", "val_loss"}
+    assert mc["val_accuracy"] > 0.95 and mc["val_macro_f1"] > 0.95 and "val_top5_accuracy" not in mc
+    assert ml["val_accuracy"] > 0.9 and ml["val_macro_f1"] > 0.85 and "val_subset_accuracy" in ml
+    assert txt["val_accuracy"] > 0.9 and txt["val_auc"] > 0.95 and "val_log_loss" in txt
 
 
 def test_the_task_comes_from_the_label_and_travels_with_the_model(lake, trained):
