@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from sparkdl.schema import DatasetSchema
     from sparkdl.tasks import Task
 
-__all__ = ["PredictConfig", "PredictResult", "predict_dataframe", "predict_table", "predictions_schema", "task_of"]
+__all__ = ["PredictConfig", "PredictResult", "evaluate_dataframe", "predict_dataframe", "predict_table",
+           "predictions_schema", "task_of"]
 
 
 @dataclass(kw_only=True)
@@ -319,6 +320,34 @@ def predict_dataframe(
         F.lit(model_name).alias("model_name"),
         F.lit(mv.version).cast("int").alias("model_version"),
     )
+
+
+def evaluate_dataframe(
+    df: "DataFrame",
+    *,
+    lakehouse: str,
+    model_name: str,
+    model_version: int | None = None,
+    label_column: str | None = None,
+    batch_size: int = 1024,
+    input_schema: "DatasetSchema | None" = None,
+) -> dict[str, float]:
+    """Score ``df`` (which holds the labels) and compute the model's task metrics in Spark,
+    independently of training: exact aggregations, the same metric names as training without
+    ``val_`` (binary auc/accuracy/log_loss, multiclass accuracy/top-k/macro_f1/log_loss,
+    multilabel accuracy/subset_accuracy/macro_f1, regression rmse/mae/r2) plus ``rows``."""
+    from sparkdl.registry import get_model_version
+
+    mv = get_model_version(lakehouse, model_name, model_version)
+    label = label_column or mv.model_config.get("label_column")
+    if not label or label not in df.columns:
+        raise MissingColumnsError("evaluation (the label column; pass label_column=)", [str(label)], list(df.columns))
+    scored = predict_dataframe(df, lakehouse=lakehouse, model_name=model_name, model_version=mv.version,
+                               batch_size=batch_size, keep_columns=[label], input_schema=input_schema).cache()
+    try:
+        return task_of(mv.model_config).spark_metrics(scored, label)
+    finally:
+        scored.unpersist()
 
 
 def predict_table(config: PredictConfig, *, spark: "SparkSession") -> PredictResult:

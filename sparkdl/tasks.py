@@ -30,6 +30,7 @@ statistic with ties counted half, and broadcasts the one number back.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -167,6 +168,12 @@ class Task:
         """The predictions columns of a batch of model outputs."""
         raise NotImplementedError
 
+    def spark_metrics(self, df: Any, label: str) -> dict[str, float]:
+        """The task's metrics over a Spark DataFrame of predictions (its prediction columns and
+        ``label``), computed exactly by Spark aggregations (no rows collected); keys as in
+        training without the ``val_`` prefix, plus ``rows``."""
+        raise NotImplementedError
+
 
 class _Binary(Task):
     name = "binary"
@@ -205,6 +212,24 @@ class _Binary(Task):
     def predictions(self, out):
         score = torch.sigmoid(self.outputs(out)).cpu().numpy().astype(np.float32)
         return {"prediction": pa.array((score >= 0.5).astype(np.int32)), "score": pa.array(score)}
+
+    def spark_metrics(self, df, label):
+        from pyspark.sql import Window
+        from pyspark.sql import functions as S
+
+        y, p = S.col(label).cast("double"), S.least(S.greatest(S.col("score").cast("double"), S.lit(1e-7)),
+                                                    S.lit(1 - 1e-7))
+        row = df.agg(S.count("*").alias("rows"), S.avg((S.col("prediction") == y).cast("double")).alias("acc"),
+                     S.avg(-(y * S.log(p) + (1 - y) * S.log(1 - p))).alias("ll")).first()
+        # Exact AUC: positives and negatives per distinct score, then each positive counts the
+        # negatives below it (ties half), over the distinct scores in order.
+        per_score = df.groupBy(S.col("score").alias("s")).agg(S.sum(y).alias("pos"), S.sum(1 - y).alias("neg"))
+        below = S.sum("neg").over(Window.orderBy("s").rowsBetween(Window.unboundedPreceding, -1))
+        auc = per_score.select("pos", "neg", S.coalesce(below, S.lit(0.0)).alias("below")).agg(
+            S.sum(S.col("pos") * (S.col("below") + 0.5 * S.col("neg"))).alias("num"), S.sum("pos").alias("P"),
+            S.sum("neg").alias("N")).first()
+        return {"rows": int(row["rows"]), "accuracy": float(row["acc"]), "log_loss": float(row["ll"]),
+                "auc": float(auc["num"] / (auc["P"] * auc["N"])) if auc["P"] and auc["N"] else float("nan")}
 
 
 class _Multiclass(Task):
@@ -267,6 +292,27 @@ class _Multiclass(Task):
                 "score": pa.array(score.cpu().numpy().astype(np.float32)),
                 "probabilities": _list_array(prob.cpu().numpy().astype(np.float32), pa.float32())}
 
+    def spark_metrics(self, df, label):
+        from pyspark.sql import functions as S
+
+        y = S.col(label).cast("int")
+        mine = S.element_at("probabilities", y + 1)
+        higher = S.size(S.filter("probabilities", lambda q: q > mine))
+        row = df.agg(S.count("*").alias("rows"), S.avg((S.col("prediction") == y).cast("double")).alias("acc"),
+                     S.avg((higher < self._k).cast("double")).alias("topk"),
+                     S.avg(-S.log(S.greatest(mine.cast("double"), S.lit(1e-7)))).alias("ll")).first()
+        c = self.output_dim
+        confusion = torch.zeros(c, c, dtype=torch.float64)
+        for r in df.groupBy(y.alias("y"), S.col("prediction").alias("p")).count().collect():  # <= C*C rows
+            confusion[r["y"], r["p"]] = r["count"]
+        tp, denom = confusion.diag(), confusion.sum(0) + confusion.sum(1)
+        seen = denom > 0
+        out = {"rows": int(row["rows"]), "accuracy": float(row["acc"]), "log_loss": float(row["ll"]),
+               "macro_f1": float((2 * tp[seen] / denom[seen]).mean()) if seen.any() else float("nan")}
+        if self._k < c:
+            out[f"top{self._k}_accuracy"] = float(row["topk"])
+        return out
+
 
 class _Multilabel(Task):
     name = "multilabel"
@@ -324,6 +370,24 @@ class _Multilabel(Task):
         return {"prediction": _list_array((prob >= 0.5).astype(np.int32), pa.int32()),
                 "probabilities": _list_array(prob, pa.float32())}
 
+    def spark_metrics(self, df, label):
+        from pyspark.sql import functions as S
+
+        pairs = df.select(S.posexplode(S.arrays_zip(S.col("prediction").alias("p"),
+                                                    S.col(label).cast("array<int>").alias("y"))))
+        per = pairs.groupBy("pos").agg(
+            S.sum((S.col("col.p") * S.col("col.y")).cast("double")).alias("tp"),
+            S.sum((S.col("col.p") * (1 - S.col("col.y"))).cast("double")).alias("fp"),
+            S.sum(((1 - S.col("col.p")) * S.col("col.y")).cast("double")).alias("fn"),
+            S.avg((S.col("col.p") == S.col("col.y")).cast("double")).alias("acc")).collect()  # one row per label
+        row = df.agg(S.count("*").alias("rows"),
+                     S.avg((S.col("prediction") == S.col(label).cast("array<int>")).cast("double")).alias("subset")
+                     ).first()
+        f1 = [2 * r["tp"] / (2 * r["tp"] + r["fp"] + r["fn"]) for r in per if 2 * r["tp"] + r["fp"] + r["fn"] > 0]
+        return {"rows": int(row["rows"]), "subset_accuracy": float(row["subset"]),
+                "accuracy": float(np.mean([r["acc"] for r in per])) if per else float("nan"),
+                "macro_f1": float(np.mean(f1)) if f1 else float("nan")}
+
 
 class _Regression(Task):
     name = "regression"
@@ -360,6 +424,19 @@ class _Regression(Task):
 
     def predictions(self, out):
         return {"prediction": pa.array(self.outputs(out).cpu().numpy().astype(np.float32))}
+
+    def spark_metrics(self, df, label):
+        from pyspark.sql import functions as S
+
+        y, e = S.col(label).cast("double"), S.col("prediction").cast("double") - S.col(label).cast("double")
+        r = df.agg(S.count("*").alias("n"), S.sum(e * e).alias("sse"), S.sum(S.abs(e)).alias("sae"),
+                   S.sum(y).alias("sy"), S.sum(y * y).alias("syy")).first()
+        n = r["n"]
+        if not n:
+            return {"rows": 0, "rmse": float("nan"), "mae": float("nan"), "r2": float("nan")}
+        sst = r["syy"] - r["sy"] * r["sy"] / n
+        return {"rows": int(n), "rmse": float(math.sqrt(r["sse"] / n)), "mae": float(r["sae"] / n),
+                "r2": float(1 - r["sse"] / sst) if sst > 0 else float("nan")}
 
 
 _TASKS: dict[str, type[Task]] = {t.name: t for t in (_Binary, _Multiclass, _Multilabel, _Regression)}

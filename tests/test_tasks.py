@@ -250,6 +250,23 @@ def test_predictions_of_every_task_equal_in_process_outputs(spark, lake, trained
         np.testing.assert_allclose(np.stack(got["probabilities"]).sum(1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["reg", "mc", "ml", "txt"])
+def test_spark_evaluation_equals_the_validation_metrics_of_training(spark, lake, trained, name):
+    """Scored by Spark and aggregated there, the metrics equal the ranks' all-reduced ones."""
+    from sparkdl.lakehouse import Lakehouse, read_table
+    from sparkdl.predict import evaluate_dataframe
+
+    valid = read_table(spark, Lakehouse(lake).table(f"{name}_valid"))
+    got = evaluate_dataframe(valid, lakehouse=lake, model_name=name)
+    result = {"reg": trained["regression"], "mc": trained["multiclass"], "ml": trained["multilabel"],
+              "txt": trained["tokens"]}[name]
+    want = {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_") and k != "val_loss"}
+    assert got["rows"] == valid.count()
+    assert set(want) <= set(got)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
 # ----- custom loss, shipped to the executors; sample weights -------------------------------------
 LOSS = textwrap.dedent('''
     def tripled_mse(outputs, labels):

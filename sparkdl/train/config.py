@@ -34,7 +34,7 @@ class TrainConfig:
     valid_version: int | None = None
     """Version of the validation table; None = latest."""
     model: str
-    """Registered model name (tabular_mlp, image_cnn, token_encoder, see sparkdl.models) or 'module:factory'; the factory receives features= (sparkdl.models.TableFeatures)."""
+    """Registered model name (tabular_mlp, image_cnn, token_encoder, see sparkdl.models) or 'module:factory'; the factory receives features= (sparkdl.features.TableFeatures)."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Factory arguments besides features= (JSON-compatible)."""
     label_column: str | None = None
