@@ -3,7 +3,10 @@
     spark-submit jobs/predict.py --lakehouse ./lakehouse --model flights_delay \
         --input flights_clean --output flights_predictions
 
-Exits 0 after printing where the predictions went, or 1 with a one-line reason.
+The prediction columns follow the model's task (sparkdl.tasks): binary prediction + score,
+multiclass prediction + score + probabilities, multilabel prediction + probabilities vectors,
+regression prediction. Exits 0 after printing where the predictions went, or 1 with a one-line
+reason.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="predictions table name or Delta URI")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per model call (default 1024)")
     p.add_argument("--mode", choices=["append", "overwrite"], default="append", help="write mode (default append)")
-    p.add_argument("--keep", default=None, help="comma-separated input columns to copy next to predictions")
+    p.add_argument("--keep", default=None,
+                   help="comma-separated input columns to copy next to the predictions (default: the id columns)")
     args = p.parse_args(argv)
 
     try:

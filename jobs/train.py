@@ -1,7 +1,7 @@
 r"""Train a model on lakehouse tables in one barrier-mode Spark stage and publish it.
 
     spark-submit --properties-file spark-conf/local.conf jobs/train.py --lakehouse ./lakehouse \
-        --train-table flights_train --valid-table flights_valid --model flights_mlp --model-name flights_delay
+        --train-table flights_train --valid-table flights_valid --model tabular_mlp --model-name flights_delay
 
 The run id is printed first; after a failure, continue the run with --resume --run-id <id>.
 """
@@ -28,6 +28,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sparkdl.tasks import TASKS
     from sparkdl.train.config import COMPRESSION, OPTIMIZERS, PRECISION, SCHEDULES, STRATEGIES, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,12 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                         "what spark-submit was given, the profile filling in unset keys)")
     p.add_argument("--debug", action="store_true", help="on failure, also print the failing rank's traceback")
     choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES,
-               "strategy": STRATEGIES}
+               "strategy": STRATEGIES, "task": TASKS}
     docs = _field_docs(TrainConfig)
     floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "collective_timeout_s", "outer_lr",
               "outer_momentum", "easgd_alpha", "bmuf_block_momentum", "bmuf_block_lr", "ps_timeout_s", "fedavg_local_lr",
               "dp_clip", "dp_noise_multiplier", "dp_delta")
-    optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round")
+    optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round", "num_classes")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("fault_injection", "model_kwargs", "straggler"):
             continue

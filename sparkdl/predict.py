@@ -1,8 +1,10 @@
 """Batch inference: score a Delta table with a published model version through Spark.
 
-Scoring runs in pyspark's ``predict_batch_udf``: each Python worker loads the model once
-(the UDF caches ``make_predict_fn`` per worker), receives Arrow batches of ``batch_size``
-rows and runs the model on the executor's GPU when the task was given one. Inputs that
+Scoring runs in ``mapInArrow``: each Python worker loads a model version once (Spark reuses
+workers), cuts the Arrow batches into ``batch_size`` rows, decodes them with the loader's own
+code (``sparkdl.data.decode``) and runs the model on the executor's GPU when the task was given
+one. The model's Task (``sparkdl.tasks``) turns its outputs into the prediction columns, so the
+predictions' schema is the same from the pipeline, the predict job or a notebook. Inputs that
 are still raw (not yet encoded) are encoded on the way in with the preprocessing spec saved
 with the model, so training and inference share one encoding.
 
@@ -16,9 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sparkdl.errors import MissingColumnsError
 from sparkdl.lakehouse import Lakehouse, normalize_uri, read_table, snapshot, write_table
@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
     from sparkdl.schema import DatasetSchema
+    from sparkdl.tasks import Task
 
-__all__ = ["PredictConfig", "PredictResult", "predict_dataframe", "predict_table"]
+__all__ = ["PredictConfig", "PredictResult", "evaluate_dataframe", "predict_dataframe", "predict_table",
+           "predictions_schema", "task_of"]
 
 
 @dataclass(kw_only=True)
@@ -52,7 +54,7 @@ class PredictConfig:
     mode: str = "append"
     """Write mode of the predictions table: append (keep earlier scorings) or overwrite."""
     keep_columns: list[str] | None = None
-    """Input columns copied next to the predictions; None = id and label columns when present."""
+    """Input columns copied next to the predictions; None = the id columns (role=id) when present."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -111,48 +113,73 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj)
 
 
-def _make_predict_fn_factory(
-    lakehouse: str, model_name: str, model_version: int, input_columns: list[str], codecs: dict[str, str],
-    trusted_modules: list[str] | None = None,
-) -> Callable[[], Callable[..., dict[str, np.ndarray]]]:
-    """The factory ``predict_batch_udf`` calls once per Python worker."""
+_MODELS: dict[tuple[str, str, int], Any] = {}
+"""Models loaded in this Python worker: Spark reuses workers, so each loads a model version once."""
 
-    def make_predict_fn() -> Callable[..., dict[str, np.ndarray]]:
-        import torch
 
+def _cached_model(lakehouse: str, model_name: str, version: int, trusted_modules: list[str] | None = None):
+    key = (lakehouse, model_name, version)
+    if key not in _MODELS:
         from sparkdl.registry import load_model
 
         device = _worker_device()
-        model, _ = load_model(lakehouse, model_name, model_version, map_location=str(device),
+        model, _ = load_model(lakehouse, model_name, version, map_location=str(device),
                               trusted_modules=trusted_modules)
-        model.to(device).eval()
-        task = getattr(model, "task", "binary")
+        _MODELS[key] = (model.to(device).eval(), device)
+    return _MODELS[key]
 
-        def predict(*arrays: np.ndarray) -> dict[str, np.ndarray]:
-            batch = {}
-            for name, arr in zip(input_columns, arrays):
-                batch[name] = _to_tensor(name, arr, codecs.get(name, "raw")).to(device, non_blocking=True)
+
+def _input_schema_meta(field: Any, codec: str, shape: list[int] | None) -> Any:
+    """``field`` carrying the codec and shape the loader's decoders read (sparkdl.schema metadata)."""
+    import json
+
+    meta = {"sparkdl.codec": codec}
+    if shape:
+        meta["sparkdl.shape"] = json.dumps(list(shape))
+    return field.with_metadata(meta)
+
+
+def score_batches(batches: Any, *, lakehouse: str, model_name: str, version: int, task: "Task",
+                  input_columns: list[str], keep_columns: list[str], specs: dict[str, dict[str, Any]],
+                  batch_size: int, trusted_modules: list[str] | None = None) -> Any:
+    """Arrow record batches in, ``keep_columns`` + the task's prediction columns out.
+
+    The inputs are decoded by ``sparkdl.data.decode``, the loader's own code (declared shapes,
+    channels first or last, palette and grey images), so a row is scored with the tensors it
+    was trained on."""
+    import pyarrow as pa
+    import torch
+
+    from sparkdl.data.decode import build_decoders, cut_batch, decode_block
+
+    model, device = _cached_model(lakehouse, model_name, version, trusted_modules)
+    for record_batch in batches:
+        for lo in range(0, record_batch.num_rows, batch_size):
+            part = record_batch.slice(lo, batch_size)
+            n = part.num_rows
+            if n == 0:
+                continue
+            schema = pa.schema([_input_schema_meta(part.schema.field(c), specs[c]["codec"], specs[c]["shape"])
+                                for c in input_columns])
+            table = pa.Table.from_arrays([part.column(c) for c in input_columns], schema=schema)
+            decoders = build_decoders(table.schema, input_columns, None, {})
+
+            def where(row: int, lo: int = lo) -> str:
+                return f"row {lo + row} of a scored batch"
+
+            batch = cut_batch(decode_block(table, decoders, where), decoders, 0, n, where, None, 1)
+            for name, value in batch.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and torch.isnan(value).any():
+                    # Nulls reach a float tensor as NaN: they would score as NaN, so they are refused.
+                    raise ValueError(f"input column {name!r} has {int(torch.isnan(value).sum())} null/NaN values in "
+                                     "a batch; fill them (or filter those rows) before scoring")
+                if isinstance(value, torch.Tensor):
+                    batch[name] = value.to(device, non_blocking=True)
             with torch.inference_mode():
-                logits = model(batch).float()
-            if task == "binary":
-                score = torch.sigmoid(logits.reshape(-1))
-                pred = (score >= 0.5).to(torch.int32)
-            else:
-                prob = torch.softmax(logits, dim=-1)
-                score, pred = prob.max(dim=-1)
-                pred = pred.to(torch.int32)
-            return {"prediction": pred.cpu().numpy(), "score": score.cpu().numpy().astype(np.float32)}
-
-        # predict_batch_udf counts the function's parameters to decide how many column
-        # arrays to pass: give it one named parameter per input column.
-        import inspect
-
-        predict.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [inspect.Parameter(f"c{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(input_columns))]
-        )
-        return predict
-
-    return make_predict_fn
+                out = task.predictions(model(batch))
+            arrays = [part.column(c) for c in keep_columns] + [out[name] for name, _ in task.output_columns]
+            names = keep_columns + [name for name, _ in task.output_columns]
+            yield pa.RecordBatch.from_arrays(arrays, names=names)
 
 
 def _worker_device():
@@ -171,27 +198,6 @@ def _worker_device():
     if gpus is not None and gpus.addresses:
         return torch.device(f"cuda:{cuda_ordinal(gpus.addresses[0])}")
     return torch.device("cuda:0")
-
-
-def _to_tensor(name: str, arr: np.ndarray, codec: str):
-    import torch
-
-    if codec in ("png", "jpeg"):
-        import io
-
-        from PIL import Image
-
-        return torch.from_numpy(np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in arr]))
-    if arr.dtype == object:  # array columns without a shape arrive as an object array of 1-D arrays
-        arr = np.stack(arr)
-    if arr.dtype.kind == "f" and np.isnan(arr).any():
-        # Nulls reach pandas as NaN (integer columns turn float): they would become garbage
-        # embedding ids or NaN scores, so they are refused rather than scored.
-        raise ValueError(
-            f"input column {name!r} has {int(np.isnan(arr).sum())} null/NaN values in a batch; "
-            "fill them (or filter those rows) before scoring"
-        )
-    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _input_specs(mv: Any, input_schema: "DatasetSchema | None") -> dict[str, dict[str, Any]]:
@@ -224,6 +230,20 @@ def _declared(schema: "DatasetSchema | None", name: str) -> tuple[str | None, An
     return (col.codec if col.codec != "raw" else None), col.shape
 
 
+def task_of(model_config: dict[str, Any]) -> "Task":
+    """The Task a published model was trained for (its predictions' columns)."""
+    from sparkdl.tasks import make_task
+
+    return make_task(model_config.get("task") or "binary", num_classes=model_config.get("num_classes"))
+
+
+def predictions_schema(model_config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, Spark SQL type) of the columns a model's predictions add, before model_name/model_version."""
+    from pyspark.sql.pandas.types import from_arrow_type
+
+    return [(name, from_arrow_type(t).simpleString()) for name, t in task_of(model_config).output_columns]
+
+
 def predict_dataframe(
     df: "DataFrame",
     *,
@@ -235,19 +255,24 @@ def predict_dataframe(
     input_schema: "DatasetSchema | None" = None,
     trusted_modules: list[str] | None = None,
 ) -> "DataFrame":
-    """Score ``df`` with a published model: returns ``keep_columns`` + ``prediction`` (int) +
-    ``score`` (probability of class 1 for binary models, of the predicted class otherwise)
-    + ``model_name`` + ``model_version``. Lazy, like any Spark transformation.
+    """Score ``df`` with a published model: returns ``keep_columns``, the prediction columns of
+    the model's task (``sparkdl.tasks``: binary ``prediction`` int + ``score`` = P(1); multiclass
+    ``prediction`` + ``score`` = P(prediction) + ``probabilities`` array; multilabel
+    ``prediction`` and ``probabilities`` arrays; regression ``prediction`` float), then
+    ``model_name`` and ``model_version``. Lazy, like any Spark transformation.
 
-    The model's input columns are those recorded when it was published; image codecs and
-    tensor shapes come from ``input_schema`` (the dataset schema of ``df``; ``predict_table``
-    passes the scored table's), else from the model version and its training table.
+    ``keep_columns`` None keeps the id columns: role=id in ``input_schema``, else the training
+    table's id columns recorded with the model, when ``df`` has them. The model's input columns
+    are those recorded when it was published; image codecs and tensor shapes come from
+    ``input_schema`` (the dataset schema of ``df``; ``predict_table`` passes the scored
+    table's), else from the model version and its training table.
     ``trusted_modules``: modules whose ``module:attr`` factory the model config may name (added to
     ``SPARKDL_TRUSTED_MODULES`` and ``spark.sparkdl.trustedModules``; see ``sparkdl.registry``)."""
-    from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions as F
-    from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
+    from pyspark.sql.pandas.types import from_arrow_type
+    from pyspark.sql.types import StructField, StructType
 
+    from sparkdl.models import ship_to_executors
     from sparkdl.registry import check_model_factory, get_model_version
     from sparkdl.registry import trusted_modules as _trusted
 
@@ -256,14 +281,12 @@ def predict_dataframe(
     mv = get_model_version(lakehouse, model_name, model_version)
     check_model_factory(mv, trusted)  # fail here, not in every Python worker
     input_columns = list(mv.model_config.get("input_columns") or [])
-    extra_codecs: dict[str, str] = {}
     if not input_columns:
         # Published without a record of its inputs: ask the model class (loads it once here).
         from sparkdl.registry import load_model
 
         model, _ = load_model(lakehouse, model_name, mv.version, trusted_modules=trusted)
         input_columns = list(getattr(model, "input_columns", []))
-        extra_codecs = dict(getattr(model, "input_codecs", {}) or {})
         del model
         if not input_columns:
             raise ValueError(
@@ -272,37 +295,67 @@ def predict_dataframe(
                 "forward() reads, or publish it with model_config['input_columns']"
             )
         mv.model_config["input_columns"] = input_columns
+    task = task_of(mv.model_config)
     specs = _input_specs(mv, input_schema)
-    codecs = {**extra_codecs, **{c: s["codec"] for c, s in specs.items() if s["codec"] != "raw"}}
     prepared = _prepare_inputs(df, input_columns, mv.preprocessing)
     if keep_columns is None:
-        keep_columns = [c for c in ("flight_id", "id", "label") if c in prepared.columns]
+        ids = [c.name for c in input_schema.with_role("id")] if input_schema is not None else []
+        ids = ids or list(mv.model_config.get("id_columns") or [])
+        keep_columns = [c for c in ids if c in prepared.columns]
     missing_keep = [c for c in keep_columns if c not in prepared.columns]
     if missing_keep:
         raise MissingColumnsError("keep_columns", missing_keep, list(prepared.columns))
-    # Array columns reach the model as tensors of their recorded shape (predict_batch_udf
-    # reshapes the flat arrays); an array column with no recorded shape is taken as 1-D.
-    shapes: list[list[int] | None] = []
-    for c in input_columns:
-        shape = specs.get(c, {}).get("shape")
-        if isinstance(prepared.schema[c].dataType, ArrayType) and not shape:
-            first = prepared.where(F.col(c).isNotNull()).select(F.size(c).alias("n")).first()
-            shape = [int(first["n"])] if first is not None else [1]
-        shapes.append(shape if isinstance(prepared.schema[c].dataType, ArrayType) else None)
-    udf = predict_batch_udf(
-        _make_predict_fn_factory(lakehouse, model_name, mv.version, input_columns, codecs, trusted),
-        return_type=StructType([StructField("prediction", IntegerType()), StructField("score", FloatType())]),
-        batch_size=batch_size,
-        input_tensor_shapes=shapes if any(shapes) else None,
-    )
-    scored = prepared.select(*keep_columns, udf(*[F.col(c) for c in input_columns]).alias("_p"))
+    outputs = [name for name, _ in task.output_columns]
+    clash = [c for c in keep_columns if c in outputs + ["model_name", "model_version", "input_version"]]
+    if clash:
+        raise ValueError(f"keep_columns {clash} would collide with the prediction columns {outputs}; rename them "
+                         "or leave them out of keep_columns")
+    factory = str(mv.model_config.get("factory", ""))
+    ship_to_executors(prepared.sparkSession, [factory], what="model")
+    out_schema = StructType([prepared.schema[c] for c in keep_columns]
+                            + [StructField(name, from_arrow_type(t), True) for name, t in task.output_columns])
+    version = mv.version
+    cols = list(dict.fromkeys(keep_columns + input_columns))
+
+    def score(batches: Any) -> Any:
+        return score_batches(batches, lakehouse=lakehouse, model_name=model_name, version=version, task=task,
+                             input_columns=input_columns, keep_columns=keep_columns, specs=specs,
+                             batch_size=batch_size, trusted_modules=trusted)
+
+    scored = prepared.select(*cols).mapInArrow(score, out_schema)
     return scored.select(
-        *keep_columns,
-        F.col("_p.prediction").alias("prediction"),
-        F.col("_p.score").alias("score"),
+        *keep_columns, *outputs,
         F.lit(model_name).alias("model_name"),
         F.lit(mv.version).cast("int").alias("model_version"),
     )
+
+
+def evaluate_dataframe(
+    df: "DataFrame",
+    *,
+    lakehouse: str,
+    model_name: str,
+    model_version: int | None = None,
+    label_column: str | None = None,
+    batch_size: int = 1024,
+    input_schema: "DatasetSchema | None" = None,
+) -> dict[str, float]:
+    """Score ``df`` (which holds the labels) and compute the model's task metrics in Spark,
+    independently of training: exact aggregations, the same metric names as training without
+    ``val_`` (binary auc/accuracy/log_loss, multiclass accuracy/top-k/macro_f1/log_loss,
+    multilabel accuracy/subset_accuracy/macro_f1, regression rmse/mae/r2) plus ``rows``."""
+    from sparkdl.registry import get_model_version
+
+    mv = get_model_version(lakehouse, model_name, model_version)
+    label = label_column or mv.model_config.get("label_column")
+    if not label or label not in df.columns:
+        raise MissingColumnsError("evaluation (the label column; pass label_column=)", [str(label)], list(df.columns))
+    scored = predict_dataframe(df, lakehouse=lakehouse, model_name=model_name, model_version=mv.version,
+                               batch_size=batch_size, keep_columns=[label], input_schema=input_schema).cache()
+    try:
+        return task_of(mv.model_config).spark_metrics(scored, label)
+    finally:
+        scored.unpersist()
 
 
 def predict_table(config: PredictConfig, *, spark: "SparkSession") -> PredictResult:

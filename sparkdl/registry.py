@@ -38,7 +38,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -236,25 +236,25 @@ def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _factory(mv: ModelVersion, trusted: list[str]):
-    """The callable that rebuilds ``mv``; refuses (before importing anything) a factory this
-    process does not already trust."""
-    from sparkdl.models import build_model, registered_models
+def _factory(mv: ModelVersion, trusted: list[str]) -> "str | Callable[..., Any]":
+    """What rebuilds ``mv`` (a registered name, a trusted 'module:attr', or an entry point's
+    factory); refuses, before importing anything, a factory this process does not already trust."""
+    from sparkdl.models import registered_models
 
     spec = mv.model_config.get("factory")
     if not isinstance(spec, str) or not spec:
         raise UntrustedModelError(f"model {mv.name} v{mv.version}: model_config.json has no factory name; "
                                   "republish the model")
     if spec in registered_models():
-        return lambda **kw: build_model(spec, **kw)
+        return spec
     eps = _entry_points()
     if spec in eps:
-        return lambda **kw: eps[spec].load()(**kw)
+        return eps[spec].load()
     if ":" in spec:
         module = spec.partition(":")[0]
         by_entry_point = any(ep.value.replace(" ", "") == spec for ep in eps.values())
         if by_entry_point or any(module == t or module.startswith(t + ".") for t in trusted):
-            return lambda **kw: build_model(spec, **kw)
+            return spec
         raise UntrustedModelError(
             f"model {mv.name} v{mv.version} names the factory {spec!r} in its model_config.json; module "
             f"{module!r} is not trusted, so it was not imported (any writer of lakehouse files could name code "
@@ -280,12 +280,11 @@ def load_model(root: str, name: str, version: int | None = None, *, map_location
     anything else raises ``UntrustedModelError`` without importing it."""
     from safetensors.torch import load
 
+    from sparkdl.models import build_published
+
     mv = get_model_version(root, name, version)
-    factory = _factory(mv, _allowlist(trusted_modules))
-    kwargs = mv.model_config.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise UntrustedModelError(f"model {name} v{mv.version}: model_config.json 'kwargs' is not an object")
-    model = factory(**kwargs)
+    # The trust check comes first: nothing the config names is imported unless it is trusted.
+    model = build_published(mv.model_config, spec=mv.preprocessing, factory=_factory(mv, _allowlist(trusted_modules)))
     state = load(_fs.read_bytes(_fs.join(mv.uri, "model.safetensors")))
     model.load_state_dict(state)
     model.to(map_location)

@@ -58,7 +58,7 @@ def test_spark_predictions_equal_in_process_outputs_on_raw_rows(spark, flights_m
     enc = enc.set_index("flight_id").loc[preds["flight_id"]]
     batch = {c: torch.as_tensor(np.asarray(enc[c])) for c in model.input_columns}
     with torch.inference_mode():
-        expected = torch.sigmoid(model(batch)).numpy()
+        expected = torch.sigmoid(model(batch)).reshape(-1).numpy()
     np.testing.assert_allclose(preds["score"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -167,7 +167,7 @@ def probe_model(spark, tmp_path_factory):
     torch.manual_seed(0)
     publish_model(root, "probe", model=sparkdl_probe_model.Probe(str(logs)),
                   model_config={"factory": "sparkdl_probe_model:factory", "kwargs": {"log_dir": str(logs)},
-                                "input_columns": ["x", "w"]},
+                                "input_columns": ["x", "w"], "task": "multiclass", "num_classes": 3},
                   training_config={}, lineage={}, metrics={})
     (logs / "loads").unlink()  # the publisher's own construction is not a load by Spark
     rng = np.random.default_rng(0)
@@ -253,7 +253,8 @@ def test_png_image_model_scores_decoded_images(spark, tmp_path):
     model = build_model("digits_cnn", channels=4).eval()
     # Published as fit() does: input columns and lineage only; the png codec comes from the tables.
     publish_model(root, "digits", model=model,
-                  model_config={"factory": "digits_cnn", "kwargs": {"channels": 4}, "input_columns": ["image"]},
+                  model_config={"factory": "digits_cnn", "kwargs": {"channels": 4}, "input_columns": ["image"],
+                                "task": "multiclass", "num_classes": 10},
                   training_config={}, lineage={"train_table": {"uri": train, "version": snapshot(train).version}},
                   metrics={})
     res = predict_table(PredictConfig(lakehouse=root, model_name="digits", input_table="digits_valid",

@@ -78,7 +78,7 @@ def test_track_fit_logs_params_epoch_metrics_curves_and_the_published_model(tmp_
                        training_config={}, lineage={}, metrics={"val_auc": 0.7})
     curves = tmp_path / "curves.png"
     curves.write_bytes(b"\x89PNG fake")
-    config = TrainConfig(lakehouse=root, train_table="t", epochs=2, lr=0.01, model_name="tiny")
+    config = TrainConfig(lakehouse=root, train_table="t", model="tabular_mlp", epochs=2, lr=0.01, model_name="tiny")
     # What fit() returns, as far as tracking reads it.
     result = SimpleNamespace(
         run_id=config.run_id, model_name="tiny", model_version=mv.version, curves_png=str(curves),

@@ -335,10 +335,11 @@ def test_too_many_ranks_fails_at_once_naming_the_numbers(spark, digits_lakehouse
     ({"model_name": "a/b"}, "model_name"), ({"run_id": "../x"}, "run_id"),
     ({"fault_injection": {"kind": "bogus", "step": 1}}, "fault_injection"), ({"shuffle_buffer_rows": 0}, "shuffle_buffer_rows"),
     ({"batch_size": 0}, "batch_size"), ({"start_timeout_s": -1}, "start_timeout_s"), ({"resume": True}, "resume"),
+    ({"task": "ranking"}, "task"), ({"num_classes": 1}, "num_classes"), ({"loss": "huber", "task": "binary"}, "loss"),
 ])
 def test_config_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
-        TrainConfig(train_table="t", **bad)
+        TrainConfig(train_table="t", model="tabular_mlp", **bad)
 
 
 # ----- non-local lakehouse paths (file:// goes through the same code as object stores) -----

@@ -34,14 +34,23 @@ class TrainConfig:
     """Version of the training table; None = latest (the resolved one is recorded in lineage)."""
     valid_version: int | None = None
     """Version of the validation table; None = latest."""
-    model: str = "flights_mlp"
-    """Registered model name or 'module:factory'; the model's 'task' attribute (binary or multiclass) picks the loss, binary when absent."""
+    model: str
+    """Registered model name (tabular_mlp, image_cnn, token_encoder, see sparkdl.models) or 'module:factory'; the factory receives features= (sparkdl.features.TableFeatures)."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Factory arguments; for flights_mlp, features and cardinalities come from the table's spec."""
+    """Factory arguments besides features= (JSON-compatible)."""
     label_column: str | None = None
     """Label column; None = the table's role=label column."""
     feature_columns: list[str] | None = None
     """Columns fed to the model; None = the table's role=feature columns."""
+    # ----- objective (sparkdl.tasks) -----
+    task: str | None = None
+    """binary, multiclass, multilabel or regression; None = the label column's kind, else inferred from its values."""
+    num_classes: int | None = None
+    """Classes of a multiclass/multilabel label; None = the label column's cardinality, else inferred from its values."""
+    loss: str | None = None
+    """None = the task's loss; regression: mse, huber or mae; or 'module:function' (outputs, labels) -> per-row losses."""
+    weight_column: str | None = None
+    """Sample-weight column (finite, >= 0) for the loss and the validation metrics; None = the table's role=weight column, if any."""
     batch_size: int = 256
     """Per-rank batch size (global batch = batch_size x num_ranks x accumulation_steps)."""
     epochs: int = 1
@@ -198,6 +207,7 @@ class TrainConfig:
             if value is not None and (not isinstance(value, str) or not NAME_RE.fullmatch(value)):
                 raise bad(name, "use letters, digits, '.', '_' and '-' only, starting with a letter or digit "
                                 "(it names one folder in the lakehouse)")
+        self._check_objective()
         if self.resume and not self.run_id:
             raise bad("resume", "resume needs run_id (the run to continue)")
         self._check_fault_injection()
@@ -255,6 +265,24 @@ class TrainConfig:
                                or not is_num(st.get("factor")) or st["factor"] < 1):
             raise ValueError(f"straggler={st!r} is invalid: use {{'rank': r in 0..{self.num_ranks - 1}, "
                              "'factor': f >= 1}")
+
+    def _check_objective(self) -> None:
+        from sparkdl.tasks import REGRESSION_LOSSES, TASKS
+
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is invalid: use one of {list(TASKS)} (None = from the label column)")
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+                                             or self.num_classes < 2):
+            raise ValueError(f"num_classes={self.num_classes!r} is invalid: must be an integer >= 2, or None")
+        if self.loss is not None:
+            custom = isinstance(self.loss, str) and ":" in self.loss
+            if not custom and (self.loss not in REGRESSION_LOSSES or self.task not in (None, "regression")):
+                raise ValueError(f"loss={self.loss!r} is invalid: use one of {list(REGRESSION_LOSSES)} with "
+                                 "task='regression', 'module:function' for a custom loss, or None for the task's own")
+        for name in ("weight_column", "label_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}={value!r} is invalid: give a column name, or None")
 
     def _check_fault_injection(self) -> None:
         fi = self.fault_injection

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sparkdl import _fs
 from sparkdl.lakehouse import Lakehouse, normalize_uri, snapshot
+from sparkdl.models import ship_to_executors
 from sparkdl.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.handoff import RankSetup
@@ -54,59 +55,100 @@ def _uri(root: str, name: str) -> str:
     return table_uri(root, name)
 
 
-def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[RankSetup, dict[str, Any], Any, Any]:
-    """Resolve tables and columns and build the model here, so that a bad config fails before launch."""
-    train_uri = _uri(cfg.lakehouse, cfg.train_table)
-    snap = snapshot(train_uri, train_version)
-    schema = snap.dataset_schema
+def _spec_json(train_uri: str, version: int) -> dict[str, Any] | None:
+    """The preprocessing spec the ETL linked to this table version, as JSON; None when none."""
+    from sparkdl.preprocess import load_spec_for_table
+
+    try:
+        return json.loads(load_spec_for_table(train_uri, version).to_json())
+    except ValueError:  # the version records no spec (a table not written by the ETL)
+        return None
+
+
+def _columns(cfg: TrainConfig, uri: str, schema: Any) -> tuple[str, list[str], str | None]:
+    """(label, feature columns, weight column) of the training table, by the config or the roles."""
     labels = [c.name for c in schema.with_role("label")]
     label = cfg.label_column or (labels[0] if labels else None)
     if label is None or label not in schema.names:
-        raise ValueError(f"label column {label!r} not in {train_uri}; columns: {schema.names}; pass label_column=")
+        raise ValueError(f"label column {label!r} not in {uri}; columns: {schema.names}; pass label_column=")
+    weights = [c.name for c in schema.with_role("weight")]
+    weight = cfg.weight_column or (weights[0] if weights else None)
+    if weight is not None and weight not in schema.names:
+        raise ValueError(f"weight_column {weight!r} is not in {uri}; columns: {schema.names}")
     features = cfg.feature_columns or [c.name for c in schema.with_role("feature")]
     missing = [c for c in features if c not in schema.names]
     if missing:
-        raise ValueError(f"feature_columns {missing} are not in {train_uri}; columns: {schema.names}")
-    kwargs = dict(cfg.model_kwargs)
-    spec_json = None
-    if cfg.model == "flights_mlp":
-        from sparkdl.preprocess import load_spec_for_table
+        raise ValueError(f"feature_columns {missing} are not in {uri}; columns: {schema.names}")
+    if not features:
+        raise ValueError(f"{uri} has no role=feature columns; pass feature_columns=")
+    clash = [c for c in features if c in (label, weight)]
+    if clash:
+        raise ValueError(f"feature_columns {clash} include the label/weight column; the model would see its "
+                         "target: leave it out of feature_columns")
+    return label, features, weight
 
-        spec = load_spec_for_table(train_uri, snap.version)
-        spec_json = json.loads(spec.to_json())
-        kwargs.setdefault("numeric_features", spec.numeric_features)
-        kwargs.setdefault("categorical_cardinalities", spec.cardinalities)
-        features = spec.numeric_features + spec.categorical_features
+
+def _setup(cfg: TrainConfig, train_version: int | None, spark: "SparkSession | None" = None
+           ) -> tuple[RankSetup, dict[str, Any], Any, Any]:
+    """Resolve tables, columns and the task, check the data, build the model here: a bad config,
+    label or feature column fails before launch, naming the column and the fix."""
+    from sparkdl.features import LabelInfo, TableFeatures, check_table, feature_of, infer_task, scan_columns
+    from sparkdl.tasks import make_task
+
+    train_uri = _uri(cfg.lakehouse, cfg.train_table)
+    snap = snapshot(train_uri, train_version)
+    schema = snap.dataset_schema
+    label, features, weight = _columns(cfg, train_uri, schema)
+    feats = [feature_of(schema.column(c), table=train_uri) for c in features]
+    scanned = [label] + ([weight] if weight else []) + [f.name for f in feats if f.kind != "image"]
+    stats = scan_columns(snap, list(dict.fromkeys(scanned)))
+    task_name, num_classes = infer_task(schema.column(label), stats[label], task=cfg.task,
+                                        num_classes=cfg.num_classes)
+    task = make_task(task_name, num_classes=num_classes, loss=cfg.loss)
+    check_table(snap, label=label, task=task, features=feats, weight=weight, stats=stats)
     valid_uri = _uri(cfg.lakehouse, cfg.valid_table) if cfg.valid_table else None
-    valid_version = snapshot(valid_uri, cfg.valid_version).version if valid_uri else None
-    model = _build_model(cfg, kwargs)
-    task = getattr(model, "task", "binary")
-    if task not in ("binary", "multiclass"):
-        raise ValueError(f"model {cfg.model!r} has task={task!r}; a model's task must be 'binary' or 'multiclass'")
+    valid_version = None
+    if valid_uri:
+        vsnap = snapshot(valid_uri, cfg.valid_version)
+        valid_version = vsnap.version
+        absent = [c for c in [label, *features] + ([weight] if weight else []) if c not in vsnap.schema.names]
+        if absent:
+            raise ValueError(f"validation table {valid_uri} lacks columns {absent} of the training table")
+        check_table(vsnap, label=label, task=task, features=feats, weight=weight)
+    if spark is not None and not cfg.local_mode:
+        ship_to_executors(spark, [cfg.model, cfg.loss or ""], what="model/loss")
+    table = TableFeatures(features=tuple(feats), spec=_spec_json(train_uri, snap.version),
+                          label=LabelInfo(name=label, task=task.name, num_classes=task.num_classes,
+                                          output_dim=task.output_dim))
+    setup = RankSetup(train_uri=train_uri, train_version=snap.version, valid_uri=valid_uri,
+                      valid_version=valid_version, feature_columns=features, label_column=label,
+                      model_kwargs=dict(cfg.model_kwargs), task=task.name, num_classes=task.num_classes,
+                      loss=cfg.loss, weight_column=weight, features=table,
+                      # Recorded with the published model, so inference decodes its inputs as training
+                      # did even when the training table is gone and the scored one declares nothing.
+                      input_codecs={f.name: f.codec for f in feats if f.codec != "raw"},
+                      input_shapes={f.name: list(f.shape) for f in feats if f.shape})
+    batch = _sample_batch(setup)
+    shapes = {f.name: tuple(batch[f.name].shape[1:]) for f in feats if hasattr(batch[f.name], "shape")}
+    setup = replace(setup, features=table.with_shapes(shapes))
+    model = _build_model(cfg, setup.features)
     needs = [c for c in getattr(model, "input_columns", None) or [] if c not in features]
     if needs:
         raise ValueError(f"model {cfg.model!r} reads columns {needs} that are not among the feature columns "
                          f"{features}; pass feature_columns=")
-    # Recorded with the published model, so inference can decode its inputs even when the
-    # training table is gone and the scored table declares no codecs or shapes.
-    declared = {c.name: c for c in schema.columns if c.name in features}
-    setup = RankSetup(train_uri=train_uri, train_version=snap.version, valid_uri=valid_uri,
-                      valid_version=valid_version, feature_columns=features, label_column=label,
-                      model_kwargs=kwargs, task=task,
-                      input_codecs={n: c.codec for n, c in declared.items() if c.codec != "raw"},
-                      input_shapes={n: list(c.shape) for n, c in declared.items() if c.shape})
-    _dry_run(cfg, setup, model)
+    _dry_run(cfg, setup, model, task, batch)
     lineage = {"train_table": {"uri": train_uri, "version": snap.version}}
     if valid_uri:
         lineage["valid_table"] = {"uri": valid_uri, "version": valid_version}
-    return setup, lineage, spec_json, model
+    setup = replace(setup, id_columns=[c.name for c in schema.with_role("id")])
+    return setup, lineage, table.spec, model
 
 
-def _build_model(cfg: TrainConfig, kwargs: dict[str, Any]):
+def _build_model(cfg: TrainConfig, features: Any):
     from sparkdl.models import build_model
 
     try:
-        return build_model(cfg.model, **kwargs)
+        return build_model(cfg.model, features=features, **cfg.model_kwargs)
     except ValueError:
         raise
     except Exception as e:
@@ -114,23 +156,41 @@ def _build_model(cfg: TrainConfig, kwargs: dict[str, Any]):
                          f"{type(e).__name__}: {e}") from e
 
 
-def _dry_run(cfg: TrainConfig, setup: RankSetup, model: Any) -> None:
-    """One forward pass on two training rows: wrong columns, shapes or kwargs fail here, not on N ranks."""
-    import torch
-
+def _sample_batch(setup: RankSetup) -> dict[str, Any]:
     from sparkdl.data import LoaderConfig, TableLoader
 
-    columns = setup.feature_columns + [setup.label_column]
     with TableLoader(setup.train_uri, version=setup.train_version,
-                     config=LoaderConfig(batch_size=2, columns=columns, shuffle=False, drop_last=False,
+                     config=LoaderConfig(batch_size=2, columns=setup.loader_columns, shuffle=False, drop_last=False,
                                          prefetch_batches=1)) as loader:
-        batch = next(iter(loader))
+        return next(iter(loader))
+
+
+def _dry_run(cfg: TrainConfig, setup: RankSetup, model: Any, task: Any, batch: dict[str, Any]) -> None:
+    """One forward pass and loss on two training rows: wrong columns, shapes, kwargs or a custom
+    loss fail here, not on N ranks."""
+    import torch
+
     try:
         with torch.inference_mode():
-            model.eval()(batch)
+            out = model.eval()(batch)
     except Exception as e:
-        raise ValueError(f"model {cfg.model!r} fails on a batch of {setup.train_uri} (columns {columns}): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(f"model {cfg.model!r} fails on a batch of {setup.train_uri} (columns "
+                         f"{setup.loader_columns}): {type(e).__name__}: {e}") from e
+    n = len(batch[setup.label_column])
+    if not isinstance(out, torch.Tensor) or out.shape[0] != n or out.numel() != n * task.output_dim:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        want = "[n] or [n, 1]" if task.output_dim == 1 else f"[n, {task.output_dim}]"
+        raise ValueError(f"model {cfg.model!r} returns {got} for a batch of {n} rows, but task={task.name!r} needs "
+                         f"{want} (features.output_dim = {task.output_dim})")
+    try:
+        with torch.inference_mode():
+            loss = task.loss(out, batch[setup.label_column], batch.get(setup.weight_column))
+    except Exception as e:
+        raise ValueError(f"the loss of task={task.name!r} (loss={cfg.loss!r}) fails on the model's outputs "
+                         f"{list(out.shape)}: {type(e).__name__}: {e}") from e
+    if loss.dim() != 0:
+        raise ValueError(f"loss={cfg.loss!r} returns shape {list(loss.shape)}; return one loss per row ([n]) or a "
+                         "scalar")
 
 
 def _resume_state(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
@@ -164,7 +224,8 @@ def _curves(run_dir: str, steps: list[dict[str, Any]], history: list[dict[str, A
     axes = fig.subplots(1, 2)
     axes[0].plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8)
     axes[0].set(title="training loss", xlabel="step")
-    for key in ("val_loss", "val_accuracy", "val_auc", "train_loss"):
+    keys = ["train_loss"] + sorted({k for h in history for k in h if k.startswith("val_")})
+    for key in keys:
         pts = [(h["epoch"], h[key]) for h in history if key in h]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=key)
@@ -209,7 +270,8 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
     if log_row_ids and _fs.local_path(run_dir) is None:
         raise ValueError("log_row_ids needs a local lakehouse (it appends to files in the run folder)")
     earlier = _resume_state(config, run_dir) if config.resume else None
-    setup, lineage, spec, model = _setup(config, earlier["train_version"] if earlier else config.train_version)
+    setup, lineage, spec, model = _setup(config, earlier["train_version"] if earlier else config.train_version,
+                                         spark=spark)
     setup = replace(setup, run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
     launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
@@ -242,9 +304,13 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
         mv = publish_model(
             config.lakehouse, config.model_name, model=model,
             model_config={"factory": config.model, "kwargs": setup.model_kwargs,
+                          # the spec is published once, as preprocessing.json; load_model puts it back
+                          "features": {**setup.features.to_dict(), "spec": None},
                           "input_columns": setup.feature_columns, "label_column": setup.label_column,
-                          "task": setup.task, "input_codecs": setup.input_codecs,
-                          "input_shapes": setup.input_shapes, "torch": torch.__version__},
+                          "task": setup.task, "num_classes": setup.num_classes, "loss": setup.loss,
+                          "weight_column": setup.weight_column, "id_columns": setup.id_columns,
+                          "input_codecs": setup.input_codecs, "input_shapes": setup.input_shapes,
+                          "torch": torch.__version__},
             training_config=asdict(config), lineage={**lineage, "run_id": config.run_id},
             metrics=out["metrics"], preprocessing=spec, extra_files={"curves.png": curves} if curves else None,
         )

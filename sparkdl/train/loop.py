@@ -62,10 +62,6 @@ class _Rate:
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-def _loss_fn(task: str):
-    if task == "binary":
-        return lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
-    return lambda logits, y: torch.nn.functional.cross_entropy(logits, y.long())
 
 
 def _seed(seed: int) -> None:
@@ -97,7 +93,7 @@ class _RankRun:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         _seed(cfg.seed)
-        model = build_model(cfg.model, **setup.model_kwargs).to(device)
+        model = build_model(cfg.model, features=setup.features, **setup.model_kwargs).to(device)
         if cfg.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
@@ -108,8 +104,8 @@ class _RankRun:
         self.opt = self.strategy.build_optimizer(self.net.parameters())
         self.precision = Precision(cfg.precision, device)
         self.guard = NonFiniteGuard(device, check_grads=not self.precision.skips_nonfinite_steps)
-        self.loss_fn = _loss_fn(setup.task)
-        columns = setup.feature_columns + [self.label]
+        self.task = setup.make_task()
+        columns = setup.loader_columns
         self.ids_column = setup.log_row_ids
         if self.ids_column:
             columns.append(self.ids_column)
@@ -214,7 +210,8 @@ class _RankRun:
                 row["partial"] = True
             if self.valid is not None:
                 with self.strategy.consensus():
-                    row.update(validate(self.model, self.valid, self.label, self.setup.task, self.device))
+                    row.update(validate(self.model, self.valid, self.label, self.task, self.device,
+                                        weight=self.setup.weight_column))
             self.history = [h for h in self.history if h["epoch"] != epoch + 1] + [row]
             self._checkpoint(epoch + 1 if complete else epoch)
             if complete:
@@ -254,7 +251,7 @@ class _RankRun:
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.precision.autocast():
-            return self.loss_fn(self.net(batch).float(), batch[self.label])
+            return self.task.loss(self.net(batch).float(), batch[self.label], batch.get(self.setup.weight_column))
 
     def _optimizer_step(self) -> tuple[float, float]:
         """Check, then apply, the step's gradients; return (loss averaged over the ranks, the step's

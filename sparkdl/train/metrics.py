@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from sparkdl import _fs
+
+if TYPE_CHECKING:
+    from sparkdl.tasks import Task
 
 __all__ = ["StepLog", "read_step_metrics", "validate"]
 
@@ -63,53 +66,60 @@ def read_step_metrics(run_dir: str) -> list[dict[str, Any]]:
     return [rows[s] for s in sorted(rows)]
 
 
-def _loss_rows(task: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if task == "binary":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float(), reduction="none")
-    return torch.nn.functional.cross_entropy(logits, y.long(), reduction="none")
-
-
-def validate(model: torch.nn.Module, loader: Any, label: str, task: str, device: torch.device) -> dict[str, float]:
-    """Loss, accuracy (and ROC AUC for binary labels) over every validation row, once.
+def validate(model: torch.nn.Module, loader: Any, label: str, task: "Task", device: torch.device, *,
+             weight: str | None = None) -> dict[str, float]:
+    """The task's metrics (``sparkdl.tasks``) over every validation row, once.
 
     ``loader`` must be unshuffled with ``remainder="pad"``: rank r then holds rows
     ``[r*R, (r+1)*R)`` of the table's stream, wrapping around (sparkdl/data/plan.py), so the
-    rows at stream index >= N are the padding repeats and are masked out here. Collectives
-    run on ``device`` tensors (NCCL takes CUDA tensors only)."""
+    rows at stream index >= N are the padding repeats and are dropped here. Each rank sums its
+    rows' contributions and one all-reduce adds them up; a metric that needs every row in one
+    place (the binary AUC) gathers its (score, label, weight) rows to rank 0 only, which
+    broadcasts the result. Collectives run on ``device`` tensors (NCCL takes CUDA tensors only)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     first, total_rows = rank * loader.rows_per_rank, loader.num_rows
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, rows
-    kept: list[torch.Tensor] = []  # (score, label, keep) per row, for the AUC
+    sums: torch.Tensor | None = None
+    kept: list[torch.Tensor] = []
     seen = 0
     model.eval()
     try:
         with torch.inference_mode():
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                y = batch[label]
-                n = len(y)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                n = len(batch[label])
                 keep = (first + seen + torch.arange(n, device=device)) < total_rows
                 seen += n
-                logits = model(batch).float()
-                pred = (logits > 0).long() if task == "binary" else logits.argmax(-1)
-                sums[0] += _loss_rows(task, logits, y)[keep].double().sum()
-                sums[1] += (pred == y.long())[keep].double().sum()
-                sums[2] += keep.double().sum()
-                if task == "binary":
-                    kept.append(torch.stack([torch.sigmoid(logits).double(), y.double(), keep.double()], 1))
+                out = task.outputs(model(batch))[keep]
+                y = batch[label][keep]
+                w = batch[weight][keep].double() if weight else torch.ones(len(y), dtype=torch.float64, device=device)
+                part = task.metric_sums(out, y, w)
+                sums = part if sums is None else sums + part
+                if task.gathers_rows:
+                    kept.append(task.gather_rows(out, y, w))
     finally:
         model.train()
+    if sums is None:  # no batch at all: every rank sees the same empty loader
+        return {}
     dist.all_reduce(sums)
-    out = {"val_loss": float(sums[0] / sums[2]), "val_accuracy": float(sums[1] / sums[2])}
-    if task == "binary":
-        from sklearn.metrics import roc_auc_score
-
-        mine = torch.cat(kept) if kept else torch.zeros(0, 3, dtype=torch.float64, device=device)
-        # Every rank holds the same number of rows (pad), so a plain all_gather of equal shapes works.
-        parts = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine)
-        rows = torch.cat(parts).cpu().numpy()
-        rows = rows[rows[:, 2] > 0]
-        labels = rows[:, 1].astype(int)
-        out["val_auc"] = float(roc_auc_score(labels, rows[:, 0])) if 0 < labels.sum() < len(labels) else float("nan")
-    return out
+    result = task.metrics(sums)
+    if task.gathers_rows:
+        # Every rank holds the same number of padded rows, so the gathered tensors have equal
+        # shapes; only rank 0 receives them (not an all-gather of every row to every rank).
+        mine = torch.cat(kept)
+        width = mine.shape[1]
+        padded = torch.zeros(loader.rows_per_rank, width, dtype=torch.float64, device=device)
+        padded[:len(mine)] = mine
+        valid = torch.tensor([len(mine)], dtype=torch.float64, device=device)
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+        counts = [torch.empty_like(valid) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        dist.gather(valid, counts, dst=0)
+        extra = {}
+        if rank == 0:
+            rows = torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)]).cpu().numpy()
+            extra = task.gathered_metrics(rows)
+        names = sorted(task.gathered_metrics(torch.zeros(0, width, dtype=torch.float64).numpy()))
+        values = torch.tensor([extra.get(k, 0.0) for k in names], dtype=torch.float64, device=device)
+        dist.broadcast(values, src=0)
+        result.update({k: float(v) for k, v in zip(names, values.tolist())})
+    return result
