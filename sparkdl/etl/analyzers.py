@@ -203,13 +203,20 @@ def fit_images(df: "DataFrame", transforms: dict[str, dict[str, Any]]) -> dict[s
 
 @contextlib.contextmanager
 def count_jobs(spark: "SparkSession", counts: dict[str, int], name: str) -> Iterator[None]:
-    """Count the Spark jobs started inside the block into ``counts[name]`` (by job group)."""
+    """Count the Spark jobs started inside the block into ``counts[name]`` (by job group).
+
+    Adaptive query execution is off inside the block: it runs every shuffle's map side as a
+    job of its own, while a pass's result is one small row or list and gains nothing from
+    re-planning; without it, a pass is one job of two or three stages."""
     sc = spark.sparkContext
     group = f"sparkdl-analyzer-{name}-{uuid.uuid4().hex[:8]}"
+    aqe = spark.conf.get("spark.sql.adaptive.enabled", "true")
+    spark.conf.set("spark.sql.adaptive.enabled", "false")
     sc.setJobGroup(group, f"sparkdl analyzer pass: {name}")
     try:
         yield
     finally:
+        spark.conf.set("spark.sql.adaptive.enabled", aqe)
         sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
         sc.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
         counts[name] = counts.get(name, 0) + len(sc.statusTracker().getJobIdsForGroup(group))
