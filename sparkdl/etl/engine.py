@@ -276,12 +276,15 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
         raise ValueError(f"label.source {config.label.source!r} must be a column of the main source "
                          f"{config.main!r}; it has {raw.columns}")
     parsed = parse(raw, config)
-    inner = any(j.how == "inner" for j in config.joins)
-    good = parsed if inner else parsed.where(F.col("reason").isNull())
+    good = parsed.where(F.col("reason").isNull())
     good = good.withColumns({k: F.expr(v) for k, v in config.derive.items()}) if config.derive else good
     joined = apply_joins(spark, good, config, lh.root)
-    reasons_from = joined if inner else parsed
-    if inner:
+    reject_cols = [config.id.column, *[F.col(f"_raw_{c}" if c in config.columns else c).alias(c) for c in raw_columns],
+                   "reason"]
+    rejects = parsed.where(F.col("reason").isNotNull()).select(*reject_cols)
+    if any(j.how == "inner" for j in config.joins):
+        # Rows an inner join found no match for: rejected after the joins, with their raw values.
+        rejects = rejects.unionByName(joined.where(F.col("reason").isNotNull()).select(*reject_cols))
         joined = joined.where(F.col("reason").isNull())
     for k, v in config.derive_after_joins.items():
         joined = joined.withColumn(k, F.expr(v))
@@ -299,8 +302,6 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
     clean_schema = declared.get("clean") or _inferred_schema(names.get("clean", f"{config.dataset}_clean"), clean,
                                                              roles, nonnull)
     clean = _conform(clean, clean_schema)
-    rejects = reasons_from.where(F.col("reason").isNotNull()).select(
-        config.id.column, *[F.col(f"_raw_{c}" if c in config.columns else c).alias(c) for c in raw_columns], "reason")
     rejects_schema = declared.get("rejects") or _inferred_schema(
         names["rejects"], rejects, {config.id.column: "id"}, {config.id.column, "reason"})
     rejects = _conform(rejects, rejects_schema)
