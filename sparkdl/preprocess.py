@@ -1,23 +1,18 @@
 """The preprocessing spec: what the ETL learned from the training split, to encode any rows alike.
 
-A ``PreprocessingSpec`` holds the numeric statistics (mean, population std) and categorical
-vocabularies computed on the training split only, and knows how to turn raw feature columns
-into model inputs, in Spark (``encode``) or in pandas (``encode_pandas``). The ETL encodes its
-own tables with ``encode``, so training, batch inference and in-process inference share one
-encoding:
+A ``PreprocessingSpec`` holds the fitted transforms of one dataset (statistics, quantile
+boundaries, vocabularies, image statistics: all computed on the training split only), the
+label rule, the id and weight columns, and encodes raw rows in Spark (``encode``, batch
+inference and the ETL itself) or in pandas (``encode_pandas``, in-process inference) with the
+same rules (``sparkdl.etl.transforms``; exact semantics in docs/preprocessing.md).
 
-- numeric ``<col>`` -> ``<col>_z`` = (value - mean) / std as float32; a null (or a non-finite
-  result) becomes 0.0, the training mean. A std of 0 divides by 1.
-- categorical ``<col>`` -> ``<col>_id`` int32 = 1 + index of the value (as a string) in the
-  vocabulary; 0 for values outside it (rare or unseen) and for nulls.
-- label (when its source column is present) = 1 if source > threshold else 0, int32.
+The spec is saved next to the tables (``<lakehouse>/specs/<dataset>/<sha256[:16]>.json``,
+named by its content, so a file is never replaced; ``save_spec``) and its path and SHA-256 are
+recorded in the commits of the tables it encoded, so ``load_spec_for_table`` recovers exactly
+the spec of any table version. Specs written before format 2 (``numeric``/``categorical``
+keys) still load.
 
-The spec is written next to the tables (``<lakehouse>/specs/<dataset>/<sha256[:16]>.json``,
-named by its content, so a file is never replaced; lakehouses written before used
-``v<N>.json``) and its path and SHA-256 are recorded in the commits of the tables it encoded,
-so ``load_spec_for_table`` recovers exactly the spec of any table version, whichever name it has.
-
-The ``fit_*`` functions are the map/reduce passes that compute it.
+The ``fit_*`` functions are the map/reduce analyzer passes (``sparkdl.etl.analyzers``).
 """
 
 from __future__ import annotations
@@ -35,11 +30,15 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame
 
+    from sparkdl.schema import ColumnSpec
+
 __all__ = [
     "PreprocessingSpec",
     "fit_vocabularies",
     "fit_statistics",
     "load_spec_for_table",
+    "save_spec",
+    "spec_commit_metadata",
     "spec_sha256",
     "SPEC_PATH_KEY",
     "SPEC_RELPATH_KEY",
@@ -52,49 +51,63 @@ SPEC_RELPATH_KEY = "sparkdl.spec_relpath"
 """Commit-metadata key holding the spec's path relative to the table root (survives moving the lakehouse)."""
 SPEC_SHA_KEY = "sparkdl.spec_sha256"
 """Commit-metadata key holding the SHA-256 of the spec file's text."""
+SPEC_FORMAT = 2
+_NUMERIC = ("standardize", "minmax", "numeric")
+_CATEGORICAL = ("bucketize", "vocabulary", "hash")
 
 
 @dataclass(kw_only=True)
 class PreprocessingSpec:
-    """Vocabularies and statistics of one dataset, and the encoding they define."""
+    """The fitted transforms of one dataset, and the encoding they define."""
 
     dataset: str
     """Dataset name, e.g. ``flights``."""
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    """Fitted transforms in output order: ``{"type", "input", "output", ...fitted values}``
+    (types and values: docs/preprocessing.md)."""
     label: dict[str, Any] = field(default_factory=dict)
-    """``{"column": "label", "source": "arr_delay", "threshold": 15.0}``: label = source > threshold.
-    Empty when the dataset has no derived label."""
-    numeric: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Raw column -> ``{"mean": float, "std": float, "output": "<col>_z"}``, in feature order."""
-    categorical: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Raw column -> ``{"vocab": [str, ...], "min_count": int, "output": "<col>_id"}``; id = 1 + index, 0 = OOV/null."""
-    id_column: str = "flight_id"
-    """Row key carried through encoding unchanged."""
+    """``{"column", "source", "task", ...}``: how the label is derived from its source column
+    (threshold/op or positive for binary, classes or num_classes for multiclass, classes and
+    separator for multilabel). Empty when the dataset has no label rule."""
+    id_column: str | None = None
+    """Row key carried through encoding unchanged (None: no id column)."""
+    weight_column: str | None = None
+    """Sample-weight column carried through encoding as float32 (None: unweighted)."""
     source: dict[str, Any] = field(default_factory=dict)
-    """Where the statistics came from: input tables/versions, row counts, settings."""
+    """Where the statistics came from: input tables, row counts, settings."""
+    format: int = SPEC_FORMAT
+    """Spec file format version."""
 
     def __post_init__(self) -> None:
+        from sparkdl.etl.config import TASKS, TRANSFORMS
+
         if not self.dataset:
             raise ValueError("dataset must be a non-empty name, e.g. 'flights'")
-        for col, st in self.numeric.items():
-            missing = [k for k in ("mean", "std", "output") if k not in st]
+        for i, t in enumerate(self.transforms):
+            missing = [k for k in ("type", "input", "output") if k not in t]
             if missing:
-                raise ValueError(f"numeric[{col!r}] lacks keys {missing}; give mean, std and output")
-            if not (math.isfinite(st["mean"]) and math.isfinite(st["std"]) and st["std"] >= 0):
-                raise ValueError(
-                    f"numeric[{col!r}]: mean={st['mean']} and std={st['std']} must be finite with std >= 0; "
-                    "was the column empty in the training split?"
-                )
-        for col, cat in self.categorical.items():
-            missing = [k for k in ("vocab", "output") if k not in cat]
+                raise ValueError(f"transforms[{i}] lacks keys {missing}; give type, input and output")
+            if t["type"] not in TRANSFORMS:
+                raise ValueError(f"transforms[{i}] ({t['output']!r}): type {t['type']!r} is not one of {list(TRANSFORMS)}")
+            need = {"standardize": ("mean", "std"), "minmax": ("min", "max"), "numeric": ("fill",),
+                    "bucketize": ("boundaries",), "vocabulary": ("vocab",), "hash": ("num_buckets",),
+                    "tokens": ("vocab", "length"), "image": ("shape", "codec")}[t["type"]]
+            missing = [k for k in need if k not in t]
             if missing:
-                raise ValueError(f"categorical[{col!r}] lacks keys {missing}; give vocab and output")
-            if len(set(cat["vocab"])) != len(cat["vocab"]):
-                raise ValueError(f"categorical[{col!r}]: vocab has repeated values; each value must appear once")
+                raise ValueError(f"transforms[{i}] ({t['output']!r}) lacks keys {missing}")
+            for k in ("mean", "std", "min", "max"):
+                if k in t and not isinstance(t[k], list) and not math.isfinite(t[k]):
+                    raise ValueError(f"transforms[{i}] ({t['output']!r}): {k}={t[k]} must be finite; was the "
+                                     "column empty in the training split?")
+            if "vocab" in t and len(set(t["vocab"])) != len(t["vocab"]):
+                raise ValueError(f"transforms[{i}] ({t['output']!r}): vocab has repeated values")
         if self.label:
-            missing = [k for k in ("column", "source", "threshold") if k not in self.label]
+            missing = [k for k in ("column", "source", "task") if k not in self.label]
             if missing:
-                raise ValueError(f"label lacks keys {missing}; give column, source and threshold")
-        outputs = self.numeric_features + self.categorical_features + ([self.label["column"]] if self.label else [])
+                raise ValueError(f"label lacks keys {missing}; give column, source and task")
+            if self.label["task"] not in TASKS:
+                raise ValueError(f"label task {self.label['task']!r} is not one of {list(TASKS)}")
+        outputs = self.outputs
         dupes = sorted({o for o in outputs if outputs.count(o) > 1})
         if dupes:
             raise ValueError(f"output columns {dupes} are produced more than once; give each feature its own output")
@@ -112,6 +125,8 @@ class PreprocessingSpec:
             raise ValueError(f"preprocessing spec is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ValueError("preprocessing spec must be a JSON object")
+        if "numeric" in data or "categorical" in data:
+            data = _from_format_1(data)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -130,22 +145,55 @@ class PreprocessingSpec:
 
     # ----- views -----
     @property
+    def outputs(self) -> list[str]:
+        """Encoded columns: id, features, label, weight."""
+        return ([self.id_column] if self.id_column else []) + self.features + (
+            [self.label["column"]] if self.label else []) + ([self.weight_column] if self.weight_column else [])
+
+    @property
+    def features(self) -> list[str]:
+        """Encoded feature columns, in order."""
+        return [t["output"] for t in self.transforms]
+
+    @property
     def numeric_features(self) -> list[str]:
-        return [st["output"] for st in self.numeric.values()]
+        return [t["output"] for t in self.transforms if t["type"] in _NUMERIC]
 
     @property
     def categorical_features(self) -> list[str]:
-        return [cat["output"] for cat in self.categorical.values()]
+        return [t["output"] for t in self.transforms if t["type"] in _CATEGORICAL]
 
     @property
     def cardinalities(self) -> dict[str, int]:
-        """Output column -> number of ids (vocabulary size + 1 for OOV), for embedding tables."""
-        return {cat["output"]: len(cat["vocab"]) + 1 for cat in self.categorical.values()}
+        """Output column -> number of ids (OOV and padding included) of categorical and tokens features."""
+        return {c.name: c.cardinality for c in self.columns() if c.cardinality is not None and c.role == "feature"}
 
     @property
     def raw_columns(self) -> list[str]:
-        """Raw columns ``encode`` needs (the label source is optional)."""
-        return list(self.numeric) + list(self.categorical)
+        """Raw columns ``encode`` needs (the label source and weight are optional)."""
+        return list(dict.fromkeys(t["input"] for t in self.transforms))
+
+    def transform(self, output: str) -> dict[str, Any]:
+        for t in self.transforms:
+            if t["output"] == output:
+                return t
+        raise KeyError(f"the {self.dataset} spec has no feature {output!r}; features: {self.features}")
+
+    def columns(self, id_type: str = "int64") -> list["ColumnSpec"]:
+        """Declarations of the encoded columns (role, kind, cardinality, shape, codec), in order."""
+        from sparkdl.etl.transforms import column_spec, label_column_spec
+        from sparkdl.schema import ColumnSpec
+
+        cols = []
+        if self.id_column:
+            cols.append(ColumnSpec(name=self.id_column, type=id_type, role="id", nullable=False, description="row key"))
+        cols += [column_spec(t) for t in self.transforms]
+        if self.label:
+            cols.append(label_column_spec(self.label))
+        if self.weight_column:
+            cols.append(ColumnSpec(name=self.weight_column, type="float32", role="weight", nullable=False,
+                                   description="sample weight"))
+        return cols
 
     def _check_columns(self, columns: Iterable[str]) -> None:
         present = list(columns)
@@ -155,147 +203,110 @@ class PreprocessingSpec:
 
     # ----- encoding -----
     def encode(self, df: "DataFrame") -> "DataFrame":
-        """``df`` plus the encoded columns (numeric outputs, categorical outputs, and the label
-        when its source column is present). Other columns are kept."""
+        """``df`` plus the encoded columns (features; the label when its source column is
+        present; the weight as float32 when present). Other columns are kept."""
         from pyspark.sql import functions as F
 
+        from sparkdl.etl.transforms import spark_feature, spark_label
+
         self._check_columns(df.columns)
-        out: dict[str, Any] = {}
-        for col, st in self.numeric.items():
-            std = st["std"] if st["std"] > 0 else 1.0
-            z = (F.col(col).try_cast("double") - F.lit(float(st["mean"]))) / F.lit(float(std))
-            # isnan catches NaN inputs; nulls fall through to the coalesce.
-            out[st["output"]] = F.coalesce(F.when(~F.isnan(z), z), F.lit(0.0)).cast("float")
-        for col, cat in self.categorical.items():
-            key = F.col(col).cast("string")
-            if cat["vocab"]:
-                ids = F.create_map(*[x for i, v in enumerate(cat["vocab"]) for x in (F.lit(v), F.lit(i + 1))])
-                # try_element_at: a missing key gives null (OOV) rather than an error under ANSI mode.
-                looked_up = F.when(key.isNotNull(), F.try_element_at(ids, key))
-                out[cat["output"]] = F.coalesce(looked_up, F.lit(0)).cast("int")
-            else:
-                out[cat["output"]] = F.lit(0).cast("int")
+        out: dict[str, Any] = {t["output"]: spark_feature(t, F.col(t["input"])) for t in self.transforms}
         if self.label and self.label["source"] in df.columns:
-            src = F.col(self.label["source"]).try_cast("double")
-            out[self.label["column"]] = (src > F.lit(float(self.label["threshold"]))).cast("int")
+            out[self.label["column"]] = spark_label(self.label, F.col(self.label["source"]))
+        if self.weight_column and self.weight_column in df.columns:
+            out[self.weight_column] = F.col(self.weight_column).try_cast("double").cast("float")
         return df.withColumns(out)
 
     def encode_pandas(self, pdf: "pd.DataFrame") -> "pd.DataFrame":
         """Same encoding as ``encode``, on a pandas DataFrame (returns a new frame)."""
         import numpy as np
 
+        from sparkdl.etl.transforms import pandas_feature, pandas_label
+
         self._check_columns(pdf.columns)
         out = pdf.copy()
-        for col, st in self.numeric.items():
-            std = st["std"] if st["std"] > 0 else 1.0
-            values = _float_array(pdf[col])
-            z = (values - float(st["mean"])) / float(std)
-            out[st["output"]] = np.where(np.isnan(z), 0.0, z).astype(np.float32)
-        for col, cat in self.categorical.items():
-            ids = {v: i + 1 for i, v in enumerate(cat["vocab"])}
-            values = pdf[col]
-            mapped = [0 if _is_null(v) else ids.get(_as_key(v), 0) for v in values]
-            out[cat["output"]] = np.asarray(mapped, dtype=np.int32)
+        for t in self.transforms:
+            out[t["output"]] = pandas_feature(t, pdf[t["input"]])
         if self.label and self.label["source"] in pdf.columns:
+            out[self.label["column"]] = pandas_label(self.label, pdf[self.label["source"]])
+        if self.weight_column and self.weight_column in pdf.columns:
             import pandas as pd
 
-            src = _float_array(pdf[self.label["source"]])
-            label = (src > float(self.label["threshold"])).astype(np.int32)
-            nulls = np.isnan(src)
-            # Spark gives a null label for a null source; pandas needs a nullable dtype for that.
-            out[self.label["column"]] = pd.array(np.where(nulls, 0, label), dtype="Int32") if nulls.any() else label
-            if nulls.any():
-                out.loc[nulls, self.label["column"]] = pd.NA
+            out[self.weight_column] = pd.to_numeric(pdf[self.weight_column], errors="coerce").astype(np.float32)
         return out
 
 
-def _float_array(series: "pd.Series"):
-    import numpy as np
-    import pandas as pd
-
-    return pd.to_numeric(series, errors="coerce").astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def _is_null(v: Any) -> bool:
-    if v is None:
-        return True
-    try:
-        return bool(v != v)  # NaN and pandas NA
-    except TypeError:
-        return False
-
-
-def _as_key(v: Any) -> str:
-    # Spark casts integral values to "7", not "7.0"; match it for values pandas holds as floats.
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    if isinstance(v, bytes):
-        return v.decode()
-    return str(v)
+def _from_format_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A spec written before format 2 (numeric z-scores, categorical vocabularies, label = source > threshold)."""
+    data = dict(data)
+    transforms = [{"type": "standardize", "input": c, "output": st["output"], "mean": st["mean"], "std": st["std"]}
+                  for c, st in data.pop("numeric", {}).items()]
+    transforms += [{"type": "vocabulary", "input": c, "output": v["output"], "vocab": v["vocab"],
+                    "min_count": v.get("min_count", 1), "top_k": None} for c, v in data.pop("categorical", {}).items()]
+    data["transforms"] = transforms
+    if data.get("label"):
+        data["label"] = {**data["label"], "task": "binary", "op": ">"}
+    data.setdefault("id_column", "flight_id")  # format 1's default
+    data["format"] = 1
+    return data
 
 
 def spec_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------
-# Fitting: map/reduce passes over the training split
-# ---------------------------------------------------------------------------------------
 def fit_vocabularies(df: "DataFrame", columns: list[str], *, min_count: int) -> dict[str, list[str]]:
     """Vocabulary of each column: non-null values (as strings) seen at least ``min_count``
-    times, most frequent first (ties by value), counted in one map/reduce pass.
-
-    Map: every row emits one (column, value) pair per column; combine and reduce: Spark's
-    partial then final count per pair across one shuffle.
-    """
-    from pyspark.sql import functions as F
+    times, most frequent first (ties by value), in one map/reduce pass
+    (``sparkdl.etl.analyzers.fit_vocabularies`` does the same for many settings at once)."""
+    from sparkdl.etl.analyzers import VocabRequest, fit_vocabularies as _fit
 
     if min_count < 1:
         raise ValueError(f"min_count must be at least 1, got {min_count}")
-    if not columns:
-        return {}
-    pairs = df.select(
-        F.explode(
-            F.array(*[F.struct(F.lit(c).alias("column"), F.col(c).cast("string").alias("value")) for c in columns])
-        ).alias("p")
-    ).select("p.column", "p.value")
-    counts = (
-        pairs.where(F.col("value").isNotNull())
-        .groupBy("column", "value")
-        .count()
-        .where(F.col("count") >= min_count)
-        .collect()
-    )
-    vocab: dict[str, list[tuple[int, str]]] = {c: [] for c in columns}
-    for row in counts:
-        vocab[row["column"]].append((-int(row["count"]), row["value"]))
-    return {c: [v for _, v in sorted(pairs_)] for c, pairs_ in vocab.items()}
+    return _fit(df, [VocabRequest(name=c, input=c, min_count=min_count) for c in columns])
 
 
 def fit_statistics(df: "DataFrame", columns: list[str]) -> dict[str, dict[str, float]]:
-    """Count, mean and population std (ddof=0) of each numeric column over its non-null,
-    non-NaN values, in one reduce: every partition folds its rows into partial moments, the
-    partials merge pairwise (Spark's central-moment aggregates, numerically stable)."""
-    from pyspark.sql import functions as F
+    """Count, mean, population std (ddof=0), min and max of each numeric column over its
+    non-null, non-NaN values, in one reduce (``sparkdl.etl.analyzers.fit_numeric``)."""
+    from sparkdl.etl.analyzers import fit_numeric
 
-    if not columns:
-        return {}
-    aggs = []
-    for i, c in enumerate(columns):
-        x = F.col(c).try_cast("double")
-        x = F.when(~F.isnan(x), x)
-        aggs += [F.count(x).alias(f"n{i}"), F.avg(x).alias(f"m{i}"), F.stddev_pop(x).alias(f"s{i}")]
-    row = df.agg(*aggs).first()
-    out = {}
-    for i, c in enumerate(columns):
-        n = int(row[f"n{i}"])
-        if n == 0:
-            raise ValueError(
-                f"column {c!r} has no non-null values in the training rows; drop it from the numeric "
-                "features or check the input"
-            )
-        out[c] = {"count": n, "mean": float(row[f"m{i}"]), "std": float(row[f"s{i}"] or 0.0)}
-    return out
+    stats = fit_numeric(df, columns, quantiles={}).columns
+    empty = [c for c in columns if stats[c]["count"] == 0]
+    if empty:
+        raise ValueError(f"column {empty[0]!r} has no non-null values in the training rows; drop it from the "
+                         "numeric features or check the input")
+    return stats
+
+
+def save_spec(spec: PreprocessingSpec, lakehouse: str) -> tuple[str, str]:
+    """Save the spec as ``<lakehouse>/specs/<dataset>/<sha256[:16]>.json``; returns (URI, SHA-256).
+
+    A file of that name already holds exactly this text, so it is never replaced: a table
+    version that records a spec keeps finding the same bytes, whatever later runs write."""
+    from sparkdl import _fs
+    from sparkdl.lakehouse import Lakehouse, join_uri
+
+    sha = spec_sha256(spec.to_json())
+    path = join_uri(Lakehouse(lakehouse).spec_dir(spec.dataset), f"{sha[:16]}.json")
+    if not _fs.exists(path):
+        spec.save(path)
+    elif spec_sha256(_fs.read_text(path)) != sha:
+        raise RuntimeError(
+            f"spec file {path} exists with other content than its name says (sha256 {sha[:16]}…); it was "
+            "edited by hand: move it away and re-run the ETL"
+        )
+    return path, sha
+
+
+def spec_commit_metadata(spec_path: str, sha: str, dataset: str) -> dict[str, str]:
+    """Commit-metadata keys linking a table version to its spec file (absolute and relative to
+    the table root ``<lakehouse>/tables/<name>``)."""
+    return {
+        SPEC_PATH_KEY: spec_path,
+        SPEC_RELPATH_KEY: f"../../specs/{dataset}/{spec_path.rsplit('/', 1)[-1]}",
+        SPEC_SHA_KEY: sha,
+    }
 
 
 # ---------------------------------------------------------------------------------------

