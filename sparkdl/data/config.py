@@ -63,6 +63,9 @@ class LoaderConfig:
     dtypes: dict[str, str] = field(default_factory=dict)
     """Per-column torch dtype overrides, e.g. {"x": "float32"} (names or torch.dtype values); they
     win over the dtypes of a declared schema; other columns keep their table type."""
+    verify_checksums: bool = True
+    """Verify the CRC of every Parquet data page read, where the writer stored one (Spark does by
+    default); a corrupt page raises LoaderError naming the file. False skips the check."""
     pin_memory: bool = False
     """Put batches in pinned (page-locked) memory for faster host-to-GPU copies; ignored without CUDA."""
     device: str | None = None
@@ -76,7 +79,7 @@ class LoaderConfig:
                 raise ValueError(f"LoaderConfig.{name}={value!r} must be a positive integer, e.g. {name}={example}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"LoaderConfig.seed={self.seed!r} must be a non-negative integer, e.g. seed=0")
-        for name in ("shuffle", "drop_last", "pin_memory"):
+        for name in ("shuffle", "drop_last", "pin_memory", "verify_checksums"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"LoaderConfig.{name}={value!r} must be True or False")

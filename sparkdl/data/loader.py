@@ -195,7 +195,8 @@ class TableLoader:
                 f"batch_size={self.config.batch_size}, and drop_last=True drops it; lower batch_size or "
                 "set drop_last=False"
             )
-        self._reader = PieceReader(self._source, pieces, fragments, columns, filter)
+        self._reader = PieceReader(self._source, pieces, fragments, columns, filter,
+                                   verify_checksums=self.config.verify_checksums)
         self._sizes = row_sizes(self._source.schema, self._decoders, fragments)
         bound_args = dict(
             group_rows=max(int(f.row_groups[0].num_rows) for f in fragments),
