@@ -694,8 +694,8 @@ def test_byte_bound_counts_decoded_images(tmp_path):
             # Let the producer run ahead as far as the bound lets it, then count what waits.
             time.sleep(0.02)
             waiting = list(loader._active._items)
-            most = max(most, sum(sum(v.numel() * v.element_size() for v in item.values())
-                                 for item, _ in waiting if isinstance(item, dict)))
+            most = max(most, sum(sum(v.numel() * v.element_size() for v in batch.values())
+                                 for item, _, _ in waiting if isinstance(item, list) for batch in item))
     assert 0 < most <= 2 * batch_bytes
 
 

@@ -35,7 +35,9 @@ from sparkdl.data.config import torch_dtype
 from sparkdl.errors import ImageDecodeError, LoaderError, SchemaMismatchError
 from sparkdl.schema import DatasetSchema
 
-__all__ = ["ColumnDecoder", "build_decoders", "decode_block", "cut_batch", "concat_batches", "image_layout"]
+__all__ = [
+    "ColumnDecoder", "build_decoders", "decode_block", "cut_batch", "cut_batches", "concat_batches", "image_layout",
+]
 
 Where = Callable[[int], str]
 """Maps a row of the block being decoded to a "file, row" description for error messages."""
@@ -396,6 +398,38 @@ def cut_batch(
         else:
             batch[dec.name] = value.slice(lo, hi - lo).to_pylist()
     return batch
+
+
+def cut_batches(
+    block: dict[str, Any],
+    decoders: list[ColumnDecoder],
+    lo: int,
+    hi: int,
+    batch_size: int,
+    where: Where,
+    pool: Executor | None,
+    threads: int,
+    *,
+    copy: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows ``[lo, hi)`` of a decoded block as consecutive batches of ``batch_size`` rows (the
+    last one shorter if they do not divide evenly); as :func:`cut_batch`, with one ``split`` per
+    tensor column for all the batches, so a batch costs a dict, not a slice per column."""
+    if hi <= lo:
+        return []
+    starts = range(lo, hi, batch_size)
+    columns: list[tuple[str, Any]] = []
+    for dec in decoders:
+        value = block[dec.name]
+        if dec.kind == "tensor":
+            parts = value[lo:hi].split(batch_size)
+            columns.append((dec.name, [x.clone() for x in parts] if copy else parts))
+        else:
+            columns.append((dec.name, [
+                cut_batch(block, [dec], b, min(b + batch_size, hi), where, pool, threads)[dec.name] for b in starts
+            ]))
+    names = [n for n, _ in columns]
+    return [dict(zip(names, parts)) for parts in zip(*(c for _, c in columns))]
 
 
 def concat_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:

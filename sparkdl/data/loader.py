@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import torch
 
 from sparkdl.data.config import REMAINDER_POLICIES, LoaderConfig
-from sparkdl.data.decode import build_decoders, concat_batches, cut_batch, decode_block
+from sparkdl.data.decode import build_decoders, concat_batches, cut_batch, cut_batches, decode_block
 from sparkdl.data.memory import MemoryBound, fit_block_rows, memory_bound, row_sizes
 from sparkdl.data.plan import (
     EpochOrder,
@@ -53,7 +53,35 @@ Batch = dict[str, Any]
 # Keys of state_dict() that must match on load_state_dict() for "resume at the next row" to hold.
 # (The world size, rank, batch size, drop_last and remainder may differ: see load_state_dict.)
 _STATE_MUST_MATCH = ("source", "filter", "seed", "version", "num_rows", "shuffle", "block_rows")
+_STOPPED_MESSAGE = (
+    "this iteration was stopped: the loader was closed, or set_epoch(), load_state_dict() or a new "
+    "iteration started while it ran"
+)
+# Blocks the fast path lets wait, cut into batches by the consumer.
+_LAZY_BLOCKS = 2
+# Batches the consumer cuts from a block at once (one split per column for all of them).
+_SPLIT_BATCHES = 8
 _LEG_KEYS = ("consumed", "leg_world_size", "leg_batch_size", "leg_drop_last", "leg_remainder")
+
+
+class _BlockBatches:
+    """Full batches ``[lo, hi)`` of a decoded block of tensor columns, cut by the consumer."""
+
+    __slots__ = ("columns", "lo", "hi", "batch_size")
+
+    def __init__(self, rows: dict[str, torch.Tensor], lo: int, hi: int, batch_size: int) -> None:
+        self.columns = list(rows.items())
+        self.lo, self.hi, self.batch_size = lo, hi, batch_size
+
+    def batches(self) -> Iterator[Batch]:
+        names = [n for n, _ in self.columns]
+        step = self.batch_size * _SPLIT_BATCHES
+        for lo in range(self.lo, self.hi, step):
+            hi = min(lo + step, self.hi)
+            # One split per column for a few batches: cheaper than a slice per column per batch,
+            # and only a few batches' views exist before the consumer takes them.
+            for parts in zip(*[t[lo:hi].split(self.batch_size) for _, t in self.columns]):
+                yield dict(zip(names, parts))
 
 
 @dataclass(frozen=True)
@@ -206,6 +234,17 @@ class TableLoader:
         )
         block_rows = self.config.shuffle_buffer_rows
         self._copy = self.config.max_memory_bytes is not None
+        self._tensor_only = all(d.kind == "tensor" for d in self._decoders)
+        # The fast path: when batches are plain views of their block (tensor columns, no
+        # transform, no pinning, no copies), the background thread hands over whole blocks and
+        # the consuming thread cuts them into batches as it goes. That saves a thread round trip
+        # per batch, and the batch objects die as soon as the consumer drops them instead of
+        # waiting in a queue long enough to be promoted through the garbage collector's
+        # generations (which triggered full collections, at hundreds of ms each, every few M rows).
+        self._lazy = (not self._copy and self._tensor_only and self._transform is None and not self._pin
+                      and self.config.max_bytes_in_flight is None)
+        self._queue_items = _LAZY_BLOCKS if self._lazy else self.config.prefetch_batches
+        bound_args["held_blocks"] = _LAZY_BLOCKS + 1 if self._lazy else None
         if self._copy:
             block_rows = fit_block_rows(
                 self.config.max_memory_bytes, self.config.block_rows, batch_size=self.config.batch_size,
@@ -218,7 +257,6 @@ class TableLoader:
             self._sizes, block_rows=block_rows, batch_size=self.config.batch_size, views=not self._copy, **bound_args
         )
         """What the loader's buffers may hold at once (bytes), besides the consumer's batch."""
-        self._tensor_only = all(d.kind == "tensor" for d in self._decoders)
         self.epoch = 0
         self._position = 0
         self._leg = self._fresh_leg()
@@ -394,21 +432,22 @@ class TableLoader:
                 stream = slice_intervals(mine, start * leg.batch_size, rows_out)
                 prefetcher = Prefetcher(
                     lambda put: self._produce(put, order, stream),
-                    max_items=self.config.prefetch_batches,
+                    max_items=self._queue_items,
                     max_bytes=self.config.max_bytes_in_flight,
                 )
                 self._active = prefetcher
                 _OPEN_LOADERS.add(self)
-                for batch in prefetcher:
-                    if batch is _STOPPED:
-                        raise RuntimeError(
-                            "this iteration was stopped: the loader was closed, or set_epoch(), "
-                            "load_state_dict() or a new iteration started while it ran"
-                        )
-                    if self._device is not None:
-                        batch = self._to_device(batch)
-                    self._position += 1
-                    yield batch
+                device = self._device
+                for item in prefetcher:
+                    if item is _STOPPED:
+                        raise RuntimeError(_STOPPED_MESSAGE)
+                    for batch in (item if type(item) is list else item.batches()):
+                        if prefetcher.closed:
+                            raise RuntimeError(_STOPPED_MESSAGE)
+                        if device is not None:
+                            batch = self._to_device(batch)
+                        self._position += 1
+                        yield batch
             self.epoch, self._leg, self._position = epoch + 1, self._fresh_leg(), 0
         finally:
             if prefetcher is not None:
@@ -447,7 +486,7 @@ class TableLoader:
                 return reader.locate(segs, int(idx[row]))
         return decode_block(table, self._decoders, where), where
 
-    def _produce(self, put: Callable[[Any, int], None], order: EpochOrder, stream: list[Interval]) -> None:
+    def _produce(self, put: Callable[..., None], order: EpochOrder, stream: list[Interval]) -> None:
         cfg = self.config
         B = cfg.batch_size
         visits = block_visits(stream, self.block_rows)
@@ -459,8 +498,9 @@ class TableLoader:
         # the Python work of batching.
         read_ahead = ThreadPoolExecutor(1, thread_name_prefix="sparkdl-loader-read")
         release = cfg.max_memory_bytes is not None
-        copy, threads = self._copy, cfg.decode_threads
+        copy, threads, decoders = self._copy, cfg.decode_threads, self._decoders
         row_bytes: float | None = None
+        lazy = self._lazy
 
         def emit(batch: Batch) -> None:
             nonlocal row_bytes
@@ -477,8 +517,8 @@ class TableLoader:
                 if self._tensor_only and self._transform is None and rows:
                     row_bytes = nbytes / rows
             else:
-                nbytes = int(row_bytes * B)
-            put(batch, nbytes)
+                nbytes = int(row_bytes * _batch_rows(batch))
+            put([batch], nbytes)
 
         try:
             pending = read_ahead.submit(self._read_visit, order, visits[0]) if visits else None
@@ -492,17 +532,21 @@ class TableLoader:
                 if carried:
                     # The batch that straddles the previous block and this one.
                     off = min(B - carried, n)
-                    carry.append(cut_batch(rows, self._decoders, 0, off, where, pool, threads, copy=False))
+                    carry.append(cut_batch(rows, decoders, 0, off, where, pool, threads, copy=False))
                     carried += off
                     if carried == B:
                         emit(concat_batches(carry))
                         carry, carried = [], 0
-                while off + B <= n:
-                    emit(cut_batch(rows, self._decoders, off, off + B, where, pool, threads, copy=copy))
-                    off += B
-                if off < n:
-                    carry.append(cut_batch(rows, self._decoders, off, n, where, pool, threads, copy=copy))
-                    carried += n - off
+                full = off + (n - off) // B * B
+                if lazy:
+                    if full > off:
+                        put(_BlockBatches(rows, off, full, B))
+                else:
+                    for batch in cut_batches(rows, decoders, off, full, B, where, pool, threads, copy=copy):
+                        emit(batch)
+                if full < n:
+                    carry.append(cut_batch(rows, decoders, full, n, where, pool, threads, copy=copy))
+                    carried += n - full
                 del rows
                 if release:
                     # Under a memory budget, hand the block's freed Arrow pages back to the OS now:

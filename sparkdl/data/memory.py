@@ -193,12 +193,15 @@ def memory_bound(
     max_bytes_in_flight: int | None,
     pin: bool,
     views: bool = False,
+    held_blocks: int | None = None,
 ) -> MemoryBound:
     """The bytes the loader's buffers may hold at once with these settings; ``views``: batches
     are views of their block, so the waiting batches keep earlier blocks alive."""
     S, G, B = block_rows, group_rows, batch_size
     one_batch = B * sizes.batch
-    waiting = prefetch_batches * one_batch
+    # Waiting views hold no memory of their own (their blocks are counted below); one batch
+    # stands for the batch that straddles two blocks, which is a copy.
+    waiting = one_batch if views else prefetch_batches * one_batch
     if max_bytes_in_flight is not None:
         waiting = max(min(waiting, max_bytes_in_flight), one_batch)
     terms = {
@@ -210,7 +213,8 @@ def memory_bound(
     if views:
         # The waiting batches and the consumer's batch span at most this many earlier blocks;
         # a view keeps its block's tensors alive (unshuffled: the row group's Arrow buffers).
-        held = min(prefetch_batches + 1, -(-(prefetch_batches + 1) * B // S) + 1)
+        held = held_blocks if held_blocks is not None else min(
+            prefetch_batches + 1, -(-(prefetch_batches + 1) * B // S) + 1)
         terms["blocks behind waiting views"] = held * (S * max(sizes.block, sizes.arrow) + G * sizes.arrow)
     ints = {k: int(math.ceil(v)) for k, v in terms.items()}
     return MemoryBound(total=sum(ints.values()), terms=ints, block_rows=S, group_rows=G, estimated=sizes.estimated)

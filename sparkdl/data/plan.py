@@ -227,7 +227,7 @@ def rank_intervals(
     per_rank = rows_per_rank(left, world_size, remainder)
     if per_rank == 0:
         return 0, []
-    start = rank * per_rank
+    start = rank * per_rank % left
     stop = start + per_rank
     # per_rank <= left, so a range wraps around the end of the remaining stream at most once.
     out = slice_intervals(remaining, start, min(stop, left))
