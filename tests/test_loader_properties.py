@@ -13,7 +13,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparkdl.data import LoaderConfig, TableLoader
-from sparkdl.data.plan import rank_segments, rows_per_rank, slice_segments
+from sparkdl.data.plan import (
+    EpochOrder,
+    block_visits,
+    consumed_after,
+    interval_rows,
+    merge_intervals,
+    rank_intervals,
+    rows_per_rank,
+    slice_intervals,
+)
 
 N_ROWS = 157
 
@@ -31,50 +40,78 @@ def table(tmp_path_factory) -> str:
     return path
 
 
-def _rows(segments, offsets) -> list[int]:
-    return [int(offsets[s.piece]) + r for s in segments for r in range(s.start, s.stop)]
+def _order(counts, block_rows, shuffle, seed, epoch) -> list[int]:
+    """The epoch's global order as row ids (rows numbered by piece, then row)."""
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    order = EpochOrder(counts, block_rows=block_rows, shuffle=shuffle, seed=seed, epoch=epoch)
+    out: list[int] = []
+    for k in range(order.num_blocks):
+        rows = [int(offsets[s.piece]) + r for s in order.block_segments(k) for r in range(s.start, s.stop)]
+        perm = order.block_permutation(k)
+        out += rows if perm is None else [rows[i] for i in perm]
+    return out
+
+
+counts_st = st.lists(st.integers(0, 40), min_size=1, max_size=25).filter(lambda c: sum(c) > 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(counts=counts_st, block=st.integers(1, 60), shuffle=st.booleans(), seed=st.integers(0, 2**31),
+       epoch=st.integers(0, 50))
+def test_epoch_order_is_a_permutation_of_every_row(counts, block, shuffle, seed, epoch):
+    order = _order(counts, block, shuffle, seed, epoch)
+    assert sorted(order) == list(range(sum(counts)))
+    if not shuffle:
+        assert order == list(range(sum(counts)))
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    counts=st.lists(st.integers(0, 40), min_size=1, max_size=25).filter(lambda c: sum(c) > 0),
-    world=st.integers(1, 7),
-    remainder=st.sampled_from(["drop", "pad"]),
-    shuffle=st.booleans(),
-    seed=st.integers(0, 2**31),
-    epoch=st.integers(0, 50),
-)
-def test_plan_covers_every_row_once_with_equal_shares(counts, world, remainder, shuffle, seed, epoch):
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+@given(counts=counts_st, world=st.integers(1, 7), remainder=st.sampled_from(["drop", "pad"]),
+       consumed=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 30)), max_size=4))
+def test_rank_ranges_cover_the_remaining_rows_once_with_equal_shares(counts, world, remainder, consumed):
     total = sum(counts)
-    per_rank = rows_per_rank(total, world, remainder)
+    done = merge_intervals((min(a, total), min(a + n, total)) for a, n in consumed)
+    left = total - interval_rows(done)
+    per_rank = rows_per_rank(left, world, remainder)
     seen: list[int] = []
     for rank in range(world):
-        segments = rank_segments(counts, rank, world, epoch=epoch, seed=seed, shuffle=shuffle, remainder=remainder)
-        assert all(0 <= s.start < s.stop <= counts[s.piece] for s in segments)
-        rows = _rows(segments, offsets)
-        assert len(rows) == per_rank
-        seen += rows
+        rows, mine = rank_intervals(done, total, rank, world, remainder)
+        assert rows == per_rank and interval_rows(mine) == per_rank
+        seen += [p for a, b in mine for p in range(a, b)]
+    assert not set(seen) & {p for a, b in done for p in range(a, b)}
     if remainder == "drop":
-        assert len(seen) == len(set(seen)) == (total // world) * world
+        assert len(seen) == len(set(seen)) == (left // world) * world
     else:
-        assert set(seen) == set(range(total))
+        assert set(seen) == set(range(total)) - {p for a, b in done for p in range(a, b)}
         # Padding repeats rows as evenly as the stream allows.
-        assert max(Counter(seen).values()) <= -(-per_rank * world // total)
+        assert not seen or max(Counter(seen).values()) <= -(-per_rank * world // max(left, 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(counts=counts_st, legs=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 50)), min_size=1, max_size=4))
+def test_legs_never_repeat_a_row(counts, legs):
+    """Any sequence of world sizes, each taking some rows per rank, hands out each row at most once,
+    and consumed_after is exactly what the ranks took."""
+    total = sum(counts)
+    done: list = []
+    taken: list[int] = []
+    for world, rows_each in legs:
+        for rank in range(world):
+            _, mine = rank_intervals(done, total, rank, world, "drop")
+            taken += [p for a, b in slice_intervals(mine, 0, rows_each) for p in range(a, b)]
+        done = consumed_after(done, total, world, "drop", rows_each)
+        assert len(taken) == len(set(taken)) and {p for a, b in done for p in range(a, b)} == set(taken)
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    counts=st.lists(st.integers(1, 30), min_size=1, max_size=10),
-    block=st.integers(1, 50),
-    seed=st.integers(0, 1000),
-)
-def test_blocks_partition_a_rank_stream(counts, block, seed):
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    segments = rank_segments(counts, 0, 1, epoch=0, seed=seed, shuffle=True, remainder="drop")
-    stream = _rows(segments, offsets)
-    pieces = [_rows(slice_segments(segments, lo, lo + block), offsets) for lo in range(0, len(stream), block)]
-    assert [r for p in pieces for r in p] == stream
+@given(intervals=st.lists(st.tuples(st.integers(0, 200), st.integers(1, 40)), max_size=6), block=st.integers(1, 50))
+def test_block_visits_partition_a_rank_stream(intervals, block):
+    stream = [(a, a + n) for a, n in intervals]
+    rows = [p for a, b in stream for p in range(a, b)]
+    visits = block_visits(stream, block)
+    assert [v.block * block + o for v in visits for lo, hi in v.ranges for o in range(lo, hi)] == rows
+    assert all(0 <= lo < hi <= block for v in visits for lo, hi in v.ranges)
+    assert all(a.block != b.block for a, b in zip(visits, visits[1:]))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

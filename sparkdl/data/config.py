@@ -33,17 +33,19 @@ class LoaderConfig:
     columns: list[str] | None = None
     """Columns to load, in this order (projection pushed down to Parquet); None loads all columns."""
     shuffle: bool = True
-    """Reshuffle every epoch: row groups are permuted across ranks, then rows inside a shuffle buffer."""
+    """Reshuffle every epoch: row groups are permuted, then rows inside each shuffle block."""
     seed: int = 0
-    """Seed of every shuffle; the same seed, epoch and world size give the same batches."""
+    """Seed of every shuffle; the same seed and epoch give the same order of rows on any world size."""
     shuffle_buffer_rows: int = 65_536
-    """Rows of a rank's stream read and shuffled together (rounded up to a multiple of batch_size).
-    Bigger mixes better and costs memory; it is also the unit a resume skips without reading."""
+    """Rows of a canonical shuffle block: consecutive rows of the epoch's row-group stream read and
+    shuffled together. Bigger mixes better (a batch draws from more row groups) and costs memory;
+    it is also the unit a resume skips without reading. Part of the order: a resume needs the same."""
     drop_last: bool = True
     """Drop each rank's final partial batch; False yields it (it has the same size on every rank)."""
     remainder: str = "drop"
-    """Rows beyond floor(N / world_size) * world_size each epoch: "drop" leaves them out (different
-    rows each shuffled epoch); "pad" gives every rank ceil(N / world_size) rows by repeating rows."""
+    """Rows beyond floor(T / world_size) * world_size of the T rows an epoch (or, after a resume on
+    another world size, its rest) splits: "drop" leaves them out (different rows each shuffled
+    epoch); "pad" gives every rank ceil(T / world_size) rows by repeating rows."""
     prefetch_batches: int = 4
     """Batches prepared ahead by the background thread."""
     max_bytes_in_flight: int | None = None
@@ -61,6 +63,9 @@ class LoaderConfig:
     dtypes: dict[str, str] = field(default_factory=dict)
     """Per-column torch dtype overrides, e.g. {"x": "float32"} (names or torch.dtype values); they
     win over the dtypes of a declared schema; other columns keep their table type."""
+    verify_checksums: bool = True
+    """Verify the CRC of every Parquet data page read, where the writer stored one (Spark does by
+    default); a corrupt page raises LoaderError naming the file. False skips the check."""
     pin_memory: bool = False
     """Put batches in pinned (page-locked) memory for faster host-to-GPU copies; ignored without CUDA."""
     device: str | None = None
@@ -74,7 +79,7 @@ class LoaderConfig:
                 raise ValueError(f"LoaderConfig.{name}={value!r} must be a positive integer, e.g. {name}={example}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"LoaderConfig.seed={self.seed!r} must be a non-negative integer, e.g. seed=0")
-        for name in ("shuffle", "drop_last", "pin_memory"):
+        for name in ("shuffle", "drop_last", "pin_memory", "verify_checksums"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"LoaderConfig.{name}={value!r} must be True or False")
@@ -123,5 +128,5 @@ class LoaderConfig:
 
     @property
     def block_rows(self) -> int:
-        """The shuffle buffer in rows, rounded up to whole batches (before max_memory_bytes shrinks it)."""
+        """The shuffle buffer in rows, rounded up to whole batches: the most max_memory_bytes may keep."""
         return -(-self.shuffle_buffer_rows // self.batch_size) * self.batch_size

@@ -1,13 +1,14 @@
 """Arrow columns to torch tensors, by the column's declared codec and shape.
 
-A block (one shuffle buffer) is converted column by column, once: numeric columns become
+The rows a rank takes from a block (one shuffle buffer) are gathered in Arrow first, with one
+``take`` per block in the shuffled order (a slice when unshuffled), and converted column by
+column, once: numeric columns become
 1-D tensors (zero-copy through DLPack where Arrow allows), list / fixed-size-list columns
 become ``[n, *shape]`` tensors after a vectorized check that every row holds the declared
 number of values, and PNG/JPEG columns stay Arrow binary until a batch is cut, when the
 batch's rows are decoded by a thread pool into one ``uint8`` tensor. String and raw binary
-columns are handed out as ``list[str]`` / ``list[bytes]``. A shuffled block is permuted in
-place, column by column; a batch is copied out of its block, so it owns its memory and a
-waiting batch does not keep its block alive.
+columns are handed out as ``list[str]`` / ``list[bytes]``. A batch's tensors are views of its
+block (``cut_batch(copy=False)``) or copies of them, which own their memory.
 
 Images: an undeclared shape gives what the file holds (``[H, W]`` grey, ``[H, W, 3]`` RGB,
 ``[H, W, 4]`` RGBA; palette images become RGB(A), grey+alpha becomes grey). A declared shape
@@ -34,7 +35,9 @@ from sparkdl.data.config import torch_dtype
 from sparkdl.errors import ImageDecodeError, LoaderError, SchemaMismatchError
 from sparkdl.schema import DatasetSchema
 
-__all__ = ["ColumnDecoder", "build_decoders", "decode_block", "permute_block", "cut_batch", "image_layout"]
+__all__ = [
+    "ColumnDecoder", "build_decoders", "decode_block", "cut_batch", "cut_batches", "concat_batches", "image_layout",
+]
 
 Where = Callable[[int], str]
 """Maps a row of the block being decoded to a "file, row" description for error messages."""
@@ -370,18 +373,6 @@ def _decode_images(
     return torch.from_numpy(out)
 
 
-def permute_block(block: dict[str, Any], perm: np.ndarray) -> None:
-    """Put every column's rows in ``perm`` order, in place, one column at a time (so only one
-    column is held twice at any moment); one gather per column per block."""
-    index = torch.from_numpy(perm)
-    arrow_index = pa.array(perm)
-    for name in list(block):
-        value = block[name]
-        block[name] = None
-        block[name] = value.index_select(0, index) if isinstance(value, torch.Tensor) else value.take(arrow_index)
-        del value
-
-
 def cut_batch(
     block: dict[str, Any],
     decoders: list[ColumnDecoder],
@@ -390,18 +381,65 @@ def cut_batch(
     where: Where,
     pool: Executor | None,
     threads: int,
+    *,
+    copy: bool = True,
 ) -> dict[str, Any]:
-    """Rows ``[lo, hi)`` of a (permuted) block as a batch that owns its memory (tensors are
-    copied, not views, so a waiting batch does not keep its block alive); ``where`` maps a
-    block row to its origin, for error messages."""
+    """Rows ``[lo, hi)`` of a decoded block as a batch; ``where`` maps a block row to its origin,
+    for error messages. Tensor columns are views of the block unless ``copy`` (then the batch
+    owns its memory and a waiting batch does not keep its block alive)."""
     batch: dict[str, Any] = {}
     for dec in decoders:
         value = block[dec.name]
         if dec.kind == "tensor":
-            batch[dec.name] = value[lo:hi].clone()
+            batch[dec.name] = value[lo:hi].clone() if copy else value[lo:hi]
         elif dec.kind == "image":
             t = _decode_images(value.slice(lo, hi - lo), dec, lambda i: where(lo + i), pool, threads)
             batch[dec.name] = t.to(dec.dtype) if dec.dtype is not None else t
         else:
             batch[dec.name] = value.slice(lo, hi - lo).to_pylist()
     return batch
+
+
+def cut_batches(
+    block: dict[str, Any],
+    decoders: list[ColumnDecoder],
+    lo: int,
+    hi: int,
+    batch_size: int,
+    where: Where,
+    pool: Executor | None,
+    threads: int,
+    *,
+    copy: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows ``[lo, hi)`` of a decoded block as consecutive batches of ``batch_size`` rows (the
+    last one shorter if they do not divide evenly); as :func:`cut_batch`, with one ``split`` per
+    tensor column for all the batches, so a batch costs a dict, not a slice per column."""
+    if hi <= lo:
+        return []
+    starts = range(lo, hi, batch_size)
+    columns: list[tuple[str, Any]] = []
+    for dec in decoders:
+        value = block[dec.name]
+        if dec.kind == "tensor":
+            parts = value[lo:hi].split(batch_size)
+            columns.append((dec.name, [x.clone() for x in parts] if copy else parts))
+        else:
+            columns.append((dec.name, [
+                cut_batch(block, [dec], b, min(b + batch_size, hi), where, pool, threads)[dec.name] for b in starts
+            ]))
+    names = [n for n, _ in columns]
+    return [dict(zip(names, parts)) for parts in zip(*(c for _, c in columns))]
+
+
+def concat_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch of the rows of ``parts`` in order (a batch that straddles two blocks)."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for name, first in parts[0].items():
+        if isinstance(first, torch.Tensor):
+            out[name] = torch.cat([p[name] for p in parts])
+        else:
+            out[name] = [v for p in parts for v in p[name]]
+    return out

@@ -16,6 +16,7 @@ import os
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -24,16 +25,21 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import torch
 
-from sparkdl.data.config import LoaderConfig
-from sparkdl.data.decode import build_decoders, cut_batch, decode_block, permute_block
+from sparkdl.data.config import REMAINDER_POLICIES, LoaderConfig
+from sparkdl.data.decode import build_decoders, concat_batches, cut_batch, cut_batches, decode_block
 from sparkdl.data.memory import MemoryBound, fit_block_rows, memory_bound, row_sizes
 from sparkdl.data.plan import (
-    Segment,
+    EpochOrder,
+    Interval,
+    Visit,
     batches_per_epoch,
-    block_permutation,
-    rank_segments,
+    block_visits,
+    consumed_after,
+    interval_rows,
+    merge_intervals,
+    rank_intervals,
     rows_per_rank,
-    slice_segments,
+    slice_intervals,
 )
 from sparkdl.data.prefetch import STOPPED as _STOPPED
 from sparkdl.data.prefetch import Prefetcher
@@ -45,10 +51,56 @@ __all__ = ["TableLoader"]
 
 Batch = dict[str, Any]
 # Keys of state_dict() that must match on load_state_dict() for "resume at the next row" to hold.
-_STATE_MUST_MATCH = (
-    "source", "filter", "rank", "world_size", "seed", "version", "num_rows", "batch_size", "shuffle",
-    "block_rows", "drop_last", "remainder",
+# (The world size, rank, batch size, drop_last and remainder may differ: see load_state_dict.)
+_STATE_MUST_MATCH = ("source", "filter", "seed", "version", "num_rows", "shuffle", "block_rows")
+_STOPPED_MESSAGE = (
+    "this iteration was stopped: the loader was closed, or set_epoch(), load_state_dict() or a new "
+    "iteration started while it ran"
 )
+# Blocks the fast path lets wait, cut into batches by the consumer.
+_LAZY_BLOCKS = 2
+# Batches the consumer cuts from a block at once (one split per column for all of them).
+_SPLIT_BATCHES = 8
+_LEG_KEYS = ("consumed", "leg_world_size", "leg_batch_size", "leg_drop_last", "leg_remainder")
+
+
+class _BlockBatches:
+    """Full batches ``[lo, hi)`` of a decoded block of tensor columns, cut by the consumer."""
+
+    __slots__ = ("columns", "lo", "hi", "batch_size")
+
+    def __init__(self, rows: dict[str, torch.Tensor], lo: int, hi: int, batch_size: int) -> None:
+        self.columns = list(rows.items())
+        self.lo, self.hi, self.batch_size = lo, hi, batch_size
+
+    def batches(self) -> Iterator[Batch]:
+        names = [n for n, _ in self.columns]
+        step = self.batch_size * _SPLIT_BATCHES
+        for lo in range(self.lo, self.hi, step):
+            hi = min(lo + step, self.hi)
+            # One split per column for a few batches: cheaper than a slice per column per batch,
+            # and only a few batches' views exist before the consumer takes them.
+            for parts in zip(*[t[lo:hi].split(self.batch_size) for _, t in self.columns]):
+                yield dict(zip(names, parts))
+
+
+@dataclass(frozen=True)
+class _Leg:
+    """A stretch of an epoch read at one world size (sparkdl/data/plan.py)."""
+
+    consumed: tuple[Interval, ...]
+    """Order positions already handed out when the leg started (sorted, disjoint)."""
+    world_size: int
+    batch_size: int
+    drop_last: bool
+    remainder: str
+
+
+def _batch_rows(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            return len(v)
+    return 0
 
 
 def _batch_bytes(batch: Any) -> int:
@@ -171,7 +223,8 @@ class TableLoader:
                 f"batch_size={self.config.batch_size}, and drop_last=True drops it; lower batch_size or "
                 "set drop_last=False"
             )
-        self._reader = PieceReader(self._source, pieces, fragments, columns, filter)
+        self._reader = PieceReader(self._source, pieces, fragments, columns, filter,
+                                   verify_checksums=self.config.verify_checksums)
         self._sizes = row_sizes(self._source.schema, self._decoders, fragments)
         bound_args = dict(
             group_rows=max(int(f.row_groups[0].num_rows) for f in fragments),
@@ -179,28 +232,74 @@ class TableLoader:
             max_bytes_in_flight=self.config.max_bytes_in_flight,
             pin=self._pin,
         )
-        block_rows = self.config.block_rows
-        if self.config.max_memory_bytes is not None:
+        block_rows = self.config.shuffle_buffer_rows
+        self._copy = self.config.max_memory_bytes is not None
+        self._tensor_only = all(d.kind == "tensor" for d in self._decoders)
+        # The fast path: when batches are plain views of their block (tensor columns, no
+        # transform, no pinning, no copies), the background thread hands over whole blocks and
+        # the consuming thread cuts them into batches as it goes. That saves a thread round trip
+        # per batch, and the batch objects die as soon as the consumer drops them instead of
+        # waiting in a queue long enough to be promoted through the garbage collector's
+        # generations (which triggered full collections, at hundreds of ms each, every few M rows).
+        self._lazy = (not self._copy and self._tensor_only and self._transform is None and not self._pin
+                      and self.config.max_bytes_in_flight is None)
+        self._queue_items = _LAZY_BLOCKS if self._lazy else self.config.prefetch_batches
+        bound_args["held_blocks"] = _LAZY_BLOCKS + 1 if self._lazy else None
+        if self._copy:
             block_rows = fit_block_rows(
-                self.config.max_memory_bytes, block_rows, batch_size=self.config.batch_size, sizes=self._sizes,
-                **bound_args,
+                self.config.max_memory_bytes, self.config.block_rows, batch_size=self.config.batch_size,
+                sizes=self._sizes, **bound_args,
             )
         self.block_rows = block_rows
-        """Rows of the shuffle buffer: LoaderConfig.block_rows, shrunk to fit max_memory_bytes."""
+        """Rows of a canonical shuffle block: LoaderConfig.shuffle_buffer_rows, or under
+        max_memory_bytes the largest whole number of batches up to it that fits the budget."""
         self.memory_bound: MemoryBound = memory_bound(
-            self._sizes, block_rows=block_rows, batch_size=self.config.batch_size, **bound_args
+            self._sizes, block_rows=block_rows, batch_size=self.config.batch_size, views=not self._copy, **bound_args
         )
         """What the loader's buffers may hold at once (bytes), besides the consumer's batch."""
         self.epoch = 0
         self._position = 0
-        self._resume: tuple[int, int] | None = None
+        self._leg = self._fresh_leg()
+        self._resume: tuple[int, _Leg, int] | None = None
         self._active: Prefetcher | None = None
         self._closed = False
 
+    # ----- legs -----
+    def _fresh_leg(self, consumed: tuple[Interval, ...] = ()) -> "_Leg":
+        cfg = self.config
+        return _Leg(consumed=consumed, world_size=self.world_size, batch_size=cfg.batch_size,
+                    drop_last=cfg.drop_last, remainder=cfg.remainder)
+
+    def _leg_plan(self, leg: "_Leg", rank: int) -> tuple[int, int, list[Interval]]:
+        """(rows per rank, batches, rank ``rank``'s order intervals) of ``leg``."""
+        per_rank, mine = rank_intervals(leg.consumed, self.num_rows, rank, leg.world_size, leg.remainder)
+        return per_rank, batches_per_epoch(per_rank, leg.batch_size, leg.drop_last), mine
+
+    def _consumed_now(self) -> list[Interval]:
+        """Order positions of this epoch handed out so far, by every rank (the same on each)."""
+        leg = self._leg
+        if self._position == 0:
+            return list(leg.consumed)
+        per_rank, _, _ = self._leg_plan(leg, 0)
+        return consumed_after(leg.consumed, self.num_rows, leg.world_size, leg.remainder,
+                              min(self._position * leg.batch_size, per_rank))
+
     # ----- sizes and state -----
     def __len__(self) -> int:
-        """Batches per epoch for this rank; the same on every rank."""
+        """Batches of a whole epoch for this rank at this world size; the same on every rank."""
         return self._len
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches the current epoch yields on this rank, counted from its current leg's start:
+        ``len(self)``, unless this epoch was resumed from a state saved on another world size
+        (or batch size), when it is what is left of the epoch, split over this world."""
+        return self._leg_plan(self._leg, self.rank)[1]
+
+    @property
+    def batches_left(self) -> int:
+        """Batches the next iteration yields (the same on every rank)."""
+        return max(self.epoch_batches - self._position, 0)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields (its shuffle), starting at its first batch,
@@ -209,17 +308,31 @@ class TableLoader:
             raise ValueError(f"epoch={epoch!r} must be a non-negative integer")
         self._stop_active()
         if self._resume is not None and self._resume[0] == epoch:
-            self.epoch, self._position = self._resume
+            self.epoch, self._leg, self._position = self._resume
         else:
-            self.epoch, self._position = int(epoch), 0
+            self.epoch, self._leg, self._position = int(epoch), self._fresh_leg(), 0
         self._resume = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this rank is: ``position`` counts the batches of ``epoch`` already handed out."""
+        """Where the run is in the epoch: the same dict on every rank (bar ``rank``), loadable by
+        a loader on any world size (see :meth:`load_state_dict`).
+
+        ``position`` counts the batches of the epoch's current leg handed out by each rank;
+        ``consumed`` (flat ``[start, stop, ...]`` order positions) and the ``leg_*`` keys define
+        that leg; ``samples_seen`` is the number of distinct rows the whole world has taken this
+        epoch (the global cursor). Only ints, strings, bools, None and lists of them: it loads
+        with ``torch.load(weights_only=True)``."""
         cfg = self.config
+        leg = self._leg
         return {
             "epoch": self.epoch,
             "position": self._position,
+            "consumed": [x for iv in leg.consumed for x in iv],
+            "leg_world_size": leg.world_size,
+            "leg_batch_size": leg.batch_size,
+            "leg_drop_last": leg.drop_last,
+            "leg_remainder": leg.remainder,
+            "samples_seen": interval_rows(self._consumed_now()),
             "source": _source_id(self._source.uri, self._source.files),
             "filter": None if self._filter is None else str(self._filter),
             "seed": cfg.seed,
@@ -236,24 +349,67 @@ class TableLoader:
             "batches_per_epoch": self._len,
         }
 
+    @staticmethod
+    def merge_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One state from the states of all the ranks of a world (they agree on everything but
+        ``rank``); ValueError when they do not. Any of them loads as well; this checks them."""
+        if not states:
+            raise ValueError("merge_states needs at least one loader state")
+        first = dict(states[0])
+        for i, other in enumerate(states[1:], 1):
+            for key in first:
+                if key != "rank" and other.get(key) != first[key]:
+                    raise ValueError(
+                        f"loader states disagree: state 0 has {key}={first[key]!r}, state {i} has "
+                        f"{key}={other.get(key)!r}; pass the states saved together at one step"
+                    )
+        return first
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Make the next iteration of ``state["epoch"]`` start at the first batch not yet handed out."""
-        mine = self.state_dict()
-        missing = [k for k in ("epoch", "position", *_STATE_MUST_MATCH) if k not in state]
+        """Make the next iteration of ``state["epoch"]`` continue that epoch where it stopped.
+
+        ``state`` may come from any rank of a world of any size. On the world size, batch size,
+        ``drop_last`` and ``remainder`` it was saved with, the iteration continues row for row
+        (the batches it would have yielded). Otherwise the rows of the epoch not yet handed out
+        by any rank are split afresh over this world (a new *leg*): every one of them once,
+        equal batches on every rank, under this loader's ``remainder`` and ``drop_last``."""
+        missing = [k for k in ("epoch", "position", *_STATE_MUST_MATCH, *_LEG_KEYS) if k not in state]
         if missing:
-            raise ValueError(f"loader state lacks keys {missing}; pass a dict from TableLoader.state_dict()")
+            old = "consumed" in missing and "epoch" not in missing
+            raise ValueError(
+                f"loader state lacks keys {missing}; pass a dict from TableLoader.state_dict()"
+                + ("; this one was saved by an older sparkdl whose order differs: restart the epoch "
+                   "(drop the loader state) or resume with the sparkdl that wrote it" if old else "")
+            )
+        mine = self.state_dict()
         for key in _STATE_MUST_MATCH:
             if state[key] != mine[key]:
                 raise ValueError(
                     f"loader state was saved with {key}={state[key]!r} but this loader has {key}={mine[key]!r}; "
-                    f"an exact resume needs the same {key} (pass it to TableLoader/LoaderConfig)"
+                    f"a resume needs the same {key} (pass it to TableLoader/LoaderConfig)"
                 )
+        flat = [int(x) for x in state["consumed"]]
+        leg = _Leg(
+            consumed=tuple(merge_intervals(zip(flat[::2], flat[1::2]))), world_size=int(state["leg_world_size"]),
+            batch_size=int(state["leg_batch_size"]), drop_last=bool(state["leg_drop_last"]),
+            remainder=str(state["leg_remainder"]),
+        )
+        if leg.world_size < 1 or leg.batch_size < 1 or leg.remainder not in REMAINDER_POLICIES or any(
+                not 0 <= a < b <= self.num_rows for a, b in leg.consumed) or len(flat) % 2:
+            raise ValueError(f"loader state has an invalid leg {leg}; pass a dict from TableLoader.state_dict()")
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self._len:
-            raise ValueError(f"loader state has epoch={epoch}, position={position}; position must be in 0..{self._len}")
+        batches = self._leg_plan(leg, 0)[1]
+        if epoch < 0 or not 0 <= position <= batches:
+            raise ValueError(f"loader state has epoch={epoch}, position={position}; position must be in 0..{batches}")
         self._stop_active()
-        self.epoch, self._position = epoch, position
-        self._resume = (epoch, position)
+        if leg != self._fresh_leg(leg.consumed):
+            # Another world (or batch size): a new leg over the rows nobody has taken yet.
+            self._leg, self._position = leg, position
+            # A finished leg is a finished epoch: what it left out (remainder, drop_last) stays out.
+            done = [(0, self.num_rows)] if position >= batches else self._consumed_now()
+            leg, position = self._fresh_leg(tuple(done)), 0
+        self.epoch, self._leg, self._position = epoch, leg, position
+        self._resume = (epoch, leg, position)
 
     # ----- iteration -----
     def __iter__(self) -> Iterator[Batch]:
@@ -263,34 +419,36 @@ class TableLoader:
             raise ValueError("this TableLoader is closed; create a new one")
         self._stop_active()
         self._resume = None
-        return self._iterate(self.epoch, self._position)
+        return self._iterate(self.epoch, self._leg, self._position)
 
-    def _iterate(self, epoch: int, start: int) -> Iterator[Batch]:
+    def _iterate(self, epoch: int, leg: "_Leg", start: int) -> Iterator[Batch]:
         prefetcher: Prefetcher | None = None
         try:
-            if start < self._len:
-                segments = rank_segments(
-                    self._counts, self.rank, self.world_size, epoch=epoch, seed=self.config.seed,
-                    shuffle=self.config.shuffle, remainder=self.config.remainder,
-                )
+            per_rank, batches, mine = self._leg_plan(leg, self.rank)
+            if start < batches:
+                order = EpochOrder(self._counts, block_rows=self.block_rows, shuffle=self.config.shuffle,
+                                   seed=self.config.seed, epoch=epoch)
+                rows_out = min(per_rank, batches * leg.batch_size)  # drop_last cuts the tail
+                stream = slice_intervals(mine, start * leg.batch_size, rows_out)
                 prefetcher = Prefetcher(
-                    lambda put: self._produce(put, epoch, start, segments),
-                    max_items=self.config.prefetch_batches,
+                    lambda put: self._produce(put, order, stream),
+                    max_items=self._queue_items,
                     max_bytes=self.config.max_bytes_in_flight,
                 )
                 self._active = prefetcher
                 _OPEN_LOADERS.add(self)
-                for batch in prefetcher:
-                    if batch is _STOPPED:
-                        raise RuntimeError(
-                            "this iteration was stopped: the loader was closed, or set_epoch(), "
-                            "load_state_dict() or a new iteration started while it ran"
-                        )
-                    if self._device is not None:
-                        batch = self._to_device(batch)
-                    self._position += 1
-                    yield batch
-            self.epoch, self._position = epoch + 1, 0
+                device = self._device
+                for item in prefetcher:
+                    if item is _STOPPED:
+                        raise RuntimeError(_STOPPED_MESSAGE)
+                    for batch in (item if type(item) is list else item.batches()):
+                        if prefetcher.closed:
+                            raise RuntimeError(_STOPPED_MESSAGE)
+                        if device is not None:
+                            batch = self._to_device(batch)
+                        self._position += 1
+                        yield batch
+            self.epoch, self._leg, self._position = epoch + 1, self._fresh_leg(), 0
         finally:
             if prefetcher is not None:
                 prefetcher.close()
@@ -305,62 +463,100 @@ class TableLoader:
             for k, v in batch.items()
         }
 
-    def _produce(self, put: Callable[[Any, int], None], epoch: int, start_batch: int, segments: list[Segment]) -> None:
+    def _read_visit(self, order: EpochOrder, visit: Visit) -> tuple[dict[str, Any], Callable[[int], str]]:
+        """The rows a rank takes from one canonical block, decoded, in its stream order: the block
+        read whole, then one ``take`` in the shuffled order (a slice when unshuffled)."""
+        reader = self._reader
+        segs = order.block_segments(visit.block)
+        table = reader.read(segs)
+        perm = order.block_permutation(visit.block)
+        if perm is None and len(visit.ranges) == 1:
+            lo, hi = visit.ranges[0]
+            table = table.slice(lo, hi - lo)
+
+            def where(row: int) -> str:
+                return reader.locate(segs, lo + row)
+        else:
+            idx = np.concatenate([
+                perm[a:b] if perm is not None else np.arange(a, b, dtype=np.int64) for a, b in visit.ranges
+            ])
+            table = table.take(pa.array(idx))
+
+            def where(row: int) -> str:
+                return reader.locate(segs, int(idx[row]))
+        return decode_block(table, self._decoders, where), where
+
+    def _produce(self, put: Callable[..., None], order: EpochOrder, stream: list[Interval]) -> None:
         cfg = self.config
-        B, S, R = cfg.batch_size, self.block_rows, self.rows_per_rank
-        rows_out = min(R, self._len * B)  # rows handed out this epoch (drop_last cuts the tail)
-        first = (start_batch * B) // S
-        blocks = [k for k in range(first, -(-R // S)) if k * S < rows_out]
-        block_segments = {k: slice_segments(segments, k * S, min((k + 1) * S, R)) for k in blocks}
+        B = cfg.batch_size
+        visits = block_visits(stream, self.block_rows)
         images = any(d.kind == "image" for d in self._decoders)
         pool = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="sparkdl-loader-decode") if (
             images and cfg.decode_threads > 1) else None
-        # One block is read ahead while the current one is cut into batches: Parquet decoding
-        # runs outside the GIL, so it overlaps with the Python work of batching.
+        # The next block is read, gathered and decoded ahead while the current one is cut into
+        # batches: Parquet decoding and Arrow's take run outside the GIL, so they overlap with
+        # the Python work of batching.
         read_ahead = ThreadPoolExecutor(1, thread_name_prefix="sparkdl-loader-read")
-        reader = self._reader
         release = cfg.max_memory_bytes is not None
+        copy, threads, decoders = self._copy, cfg.decode_threads, self._decoders
+        row_bytes: float | None = None
+        lazy = self._lazy
+
+        def emit(batch: Batch) -> None:
+            nonlocal row_bytes
+            if self._transform is not None:
+                batch = self._transform(batch)
+            if self._pin and isinstance(batch, Mapping):
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            # Charged at what the batch holds (decoded images included), so that
+            # max_bytes_in_flight bounds the memory the waiting batches really use; a batch of
+            # tensors only costs the same per row every time.
+            if row_bytes is None or not self._tensor_only or self._transform is not None:
+                nbytes = _batch_bytes(batch)
+                rows = _batch_rows(batch)
+                if self._tensor_only and self._transform is None and rows:
+                    row_bytes = nbytes / rows
+            else:
+                nbytes = int(row_bytes * _batch_rows(batch))
+            put([batch], nbytes)
+
         try:
-            pending = read_ahead.submit(reader.read, block_segments[blocks[0]]) if blocks else None
-            for i, k in enumerate(blocks):
-                lo, hi = k * S, min((k + 1) * S, R)
-                table = pending.result()
-                pending = read_ahead.submit(reader.read, block_segments[blocks[i + 1]]) if i + 1 < len(blocks) else None
-                segs = block_segments[k]
-
-                def where(row: int, _segs: list[Segment] = segs) -> str:
-                    return reader.locate(_segs, row)
-
-                block = decode_block(table, self._decoders, where)
-                del table
-                if cfg.shuffle:
-                    perm = block_permutation(hi - lo, seed=cfg.seed, epoch=epoch, rank=self.rank, block=k)
-                    permute_block(block, perm)
-
-                    def where_out(row: int, _perm: np.ndarray = perm, _where: Callable[[int], str] = where) -> str:
-                        return _where(int(_perm[row]))
+            pending = read_ahead.submit(self._read_visit, order, visits[0]) if visits else None
+            carry: list[Batch] = []
+            carried = 0
+            for i, visit in enumerate(visits):
+                rows, where = pending.result()
+                pending = read_ahead.submit(self._read_visit, order, visits[i + 1]) if i + 1 < len(visits) else None
+                n = visit.num_rows
+                off = 0
+                if carried:
+                    # The batch that straddles the previous block and this one.
+                    off = min(B - carried, n)
+                    carry.append(cut_batch(rows, decoders, 0, off, where, pool, threads, copy=False))
+                    carried += off
+                    if carried == B:
+                        emit(concat_batches(carry))
+                        carry, carried = [], 0
+                full = off + (n - off) // B * B
+                if lazy:
+                    if full > off:
+                        put(_BlockBatches(rows, off, full, B))
                 else:
-                    where_out = where
-                for b_lo in range(max(lo, start_batch * B), min(hi, rows_out), B):
-                    b_hi = min(b_lo + B, hi, rows_out)
-                    # Batches are copies, not views of the block (see sparkdl/data/memory.py).
-                    batch = cut_batch(block, self._decoders, b_lo - lo, b_hi - lo, where_out, pool, cfg.decode_threads)
-                    if self._transform is not None:
-                        batch = self._transform(batch)
-                    if self._pin and isinstance(batch, Mapping):
-                        batch = {k2: v.pin_memory() if isinstance(v, torch.Tensor) else v for k2, v in batch.items()}
-                    # Charged at what the batch holds (decoded images included), so that
-                    # max_bytes_in_flight bounds the memory the waiting batches really use.
-                    put(batch, _batch_bytes(batch))
-                    del batch
-                del block
+                    for batch in cut_batches(rows, decoders, off, full, B, where, pool, threads, copy=copy):
+                        emit(batch)
+                if full < n:
+                    carry.append(cut_batch(rows, decoders, full, n, where, pool, threads, copy=copy))
+                    carried += n - full
+                del rows
                 if release:
                     # Under a memory budget, hand the block's freed Arrow pages back to the OS now:
                     # mimalloc otherwise keeps them a while, and the resident set outgrows the bound.
                     pa.default_memory_pool().release_unused()
+            if carry:  # the final partial batch (drop_last=False)
+                emit(concat_batches(carry))
         finally:
             read_ahead.shutdown(wait=True, cancel_futures=True)
-            reader.clear()
+            self._reader.clear()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 

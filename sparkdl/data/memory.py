@@ -11,10 +11,11 @@ row group it reads, ``B`` = batch size):
 * the batch the producer holds while it waits to hand it over (twice when pinning), and
   the Arrow rows of an image/string batch being gathered.
 
-Batches own their memory (they are copied out of the block, never views of it; a shuffled block
-is permuted in place, one column at a time),
-so a waiting batch does not keep its block alive. The consumer's own batch is not part of
-the bound. Per-row sizes are exact for numeric, bool, temporal and array columns and for
+Without ``max_memory_bytes``, batches are views of their block (no copy per batch), so the
+waiting batches keep up to ``min(P + 1, ceil((P + 1) * B / S) + 1)`` earlier blocks alive
+(``P`` = ``prefetch_batches``), a term of the bound; under ``max_memory_bytes`` batches are
+copied out of the block and own their memory, so a waiting batch does not keep its block
+alive. The consumer's own batch is not part of the bound. Per-row sizes are exact for numeric, bool, temporal and array columns and for
 images of a declared shape; string/binary sizes and undeclared image shapes are estimated
 from the Parquet footers (``MemoryBound.estimated``).
 """
@@ -191,11 +192,16 @@ def memory_bound(
     prefetch_batches: int,
     max_bytes_in_flight: int | None,
     pin: bool,
+    views: bool = False,
+    held_blocks: int | None = None,
 ) -> MemoryBound:
-    """The bytes the loader's buffers may hold at once with these settings."""
+    """The bytes the loader's buffers may hold at once with these settings; ``views``: batches
+    are views of their block, so the waiting batches keep earlier blocks alive."""
     S, G, B = block_rows, group_rows, batch_size
     one_batch = B * sizes.batch
-    waiting = prefetch_batches * one_batch
+    # Waiting views hold no memory of their own (their blocks are counted below); one batch
+    # stands for the batch that straddles two blocks, which is a copy.
+    waiting = one_batch if views else prefetch_batches * one_batch
     if max_bytes_in_flight is not None:
         waiting = max(min(waiting, max_bytes_in_flight), one_batch)
     terms = {
@@ -204,6 +210,12 @@ def memory_bound(
         "waiting batches": waiting,
         "batch being handed over": one_batch * (2 if pin else 1) + B * sizes.arrow_objects,
     }
+    if views:
+        # The waiting batches and the consumer's batch span at most this many earlier blocks;
+        # a view keeps its block's tensors alive (unshuffled: the row group's Arrow buffers).
+        held = held_blocks if held_blocks is not None else min(
+            prefetch_batches + 1, -(-(prefetch_batches + 1) * B // S) + 1)
+        terms["blocks behind waiting views"] = held * (S * max(sizes.block, sizes.arrow) + G * sizes.arrow)
     ints = {k: int(math.ceil(v)) for k, v in terms.items()}
     return MemoryBound(total=sum(ints.values()), terms=ints, block_rows=S, group_rows=G, estimated=sizes.estimated)
 

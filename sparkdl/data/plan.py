@@ -1,40 +1,59 @@
-"""Sharding and shuffle planning: which rows each rank reads in an epoch, and in what order.
+"""Sharding and shuffle planning: the epoch's one global order, and which part of it each rank reads.
 
 Pure functions over row-group row counts; nothing here reads data, so every rank computes
 the same plan on its own, with no communication.
 
-An epoch's plan: the table's row-group *pieces* are permuted with ``RNG(seed, epoch)`` (when
-shuffling) and concatenated into one global row stream of N rows, rotated by a random offset
-so that the rows the ``drop`` policy leaves out differ from epoch to epoch. Rank r takes the
-contiguous range ``[r*R, (r+1)*R)`` of that stream, with ``R = floor(N / w)`` (``drop``) or
-``ceil(N / w)`` (``pad``, wrapping around to the stream's start). Every rank therefore gets
-exactly R rows, and the ranks together cover every row once (``drop``: all but ``N - w*R``
-rows; ``pad``: every row, ``w*R - N`` of them twice). A rank's range touches only the row
-groups inside it plus at most two it shares with its neighbours, which are split by row
-ranges; so a table with fewer row groups than ranks still shards evenly.
+**The epoch's order does not depend on the world size.** The table's row-group *pieces* are
+permuted with ``RNG(seed, epoch)`` (when shuffling) and concatenated into one stream of N rows,
+rotated by a random offset (so that the rows the ``drop`` policy leaves out differ from epoch to
+epoch). That stream is cut into *canonical blocks* of ``block_rows`` rows (the shuffle buffer),
+and the rows of block k are permuted with ``RNG(seed, epoch, k)``. The result, the epoch's
+*order*, is a fixed sequence of the N rows for a given table version, seed, epoch and buffer;
+positions in it are what the plan talks about.
 
-The rank's stream is then cut into blocks of ``block_rows`` rows (the shuffle buffer, a
-multiple of the batch size); a block is read whole and its rows permuted with
-``RNG(seed, epoch, rank, block)``. Blocks start at batch boundaries, so resuming at batch p
-reads from block ``p*B // block_rows`` on and skips the blocks before it unread.
+**Legs.** An epoch is read in one or more *legs*, each at one world size w and batch size B.
+A leg starts from a set of order positions already consumed (empty for a fresh epoch), takes
+the positions not yet consumed, in order (the *remaining stream*, T rows), and gives rank r the
+contiguous range ``[r*R, (r+1)*R)`` of it, with ``R = floor(T / w)`` (``drop``: the last
+``T - w*R`` rows are left out) or ``ceil(T / w)`` (``pad``: the range wraps around to the start
+of the remaining stream). After p batches on every rank, the consumed set is the leg's start set
+plus the first ``p*B`` rows of every rank's range: the same set whichever rank computes it. That
+set (as sorted position intervals) is the loader's state; a later leg on any world size reads
+exactly the rows not in it. A run that never changes its world size has one leg per epoch, and
+a same-size resume continues that leg row for row.
+
+A rank's range touches only the canonical blocks inside it, plus at most two it shares with its
+neighbours; a block is read whole (its row groups, sliced by row ranges, so a table with fewer
+row groups than ranks still shards evenly) and the rank keeps its rows of it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
     "Piece",
     "Segment",
+    "Interval",
+    "EpochOrder",
+    "Visit",
     "rows_per_rank",
     "batches_per_epoch",
-    "rank_segments",
     "slice_segments",
-    "block_permutation",
+    "merge_intervals",
+    "complement",
+    "slice_intervals",
+    "rank_intervals",
+    "consumed_after",
+    "block_visits",
+    "interval_rows",
 ]
+
+Interval = tuple[int, int]
+"""Positions ``[start, stop)`` of the epoch's order."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +84,7 @@ class Segment:
 
 
 def rows_per_rank(num_rows: int, world_size: int, remainder: str) -> int:
-    """Rows every rank gets per epoch under the ``drop`` or ``pad`` remainder policy."""
+    """Rows every rank gets under the ``drop`` or ``pad`` remainder policy."""
     if remainder == "pad":
         return -(-num_rows // world_size)
     return num_rows // world_size
@@ -73,69 +92,6 @@ def rows_per_rank(num_rows: int, world_size: int, remainder: str) -> int:
 
 def batches_per_epoch(rows: int, batch_size: int, drop_last: bool) -> int:
     return rows // batch_size if drop_last else -(-rows // batch_size)
-
-
-def _epoch_stream(counts: np.ndarray, *, shuffle: bool, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(piece order, cumulative row bounds in that order, rotation) of the epoch's global stream."""
-    n_pieces = len(counts)
-    total = int(counts.sum())
-    if shuffle:
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(n_pieces)
-        rotation = int(rng.integers(total)) if total else 0
-    else:
-        order = np.arange(n_pieces)
-        rotation = 0
-    bounds = np.zeros(n_pieces + 1, dtype=np.int64)
-    np.cumsum(counts[order], out=bounds[1:])
-    return order, bounds, rotation
-
-
-def _stream_segments(order: np.ndarray, bounds: np.ndarray, start: int, stop: int) -> list[Segment]:
-    """Rows ``[start, stop)`` of the global stream (no wrap) as piece segments."""
-    out: list[Segment] = []
-    i = int(np.searchsorted(bounds, start, side="right")) - 1
-    pos = start
-    while pos < stop:
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
-        end = min(stop, hi)
-        if end > pos:
-            out.append(Segment(int(order[i]), pos - lo, end - lo))
-        pos = end
-        i += 1
-    return out
-
-
-def rank_segments(
-    counts: Sequence[int] | np.ndarray,
-    rank: int,
-    world_size: int,
-    *,
-    epoch: int,
-    seed: int,
-    shuffle: bool,
-    remainder: str,
-) -> list[Segment]:
-    """The rows rank ``rank`` reads in ``epoch``, in stream order, as piece segments.
-
-    ``counts[i]`` is the row count of piece i; pieces must be in a fixed order shared by all
-    ranks (the loader sorts them by file and row group).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    per_rank = rows_per_rank(total, world_size, remainder)
-    if per_rank == 0:
-        return []
-    order, bounds, rotation = _epoch_stream(counts, shuffle=shuffle, seed=seed, epoch=epoch)
-    # per_rank <= total, so a rank's range wraps around the end of the stream at most once.
-    start = (rank * per_rank + rotation) % total
-    stop = start + per_rank
-    segments = _stream_segments(order, bounds, start, min(stop, total))
-    if stop > total:
-        segments += _stream_segments(order, bounds, 0, stop - total)
-    return segments
 
 
 def slice_segments(segments: Sequence[Segment], start: int, stop: int) -> list[Segment]:
@@ -153,6 +109,180 @@ def slice_segments(segments: Sequence[Segment], start: int, stop: int) -> list[S
     return out
 
 
-def block_permutation(num_rows: int, *, seed: int, epoch: int, rank: int, block: int) -> np.ndarray:
-    """The row order inside one shuffle block."""
-    return np.random.default_rng([seed, epoch, rank, block, 1]).permutation(num_rows)
+class EpochOrder:
+    """The epoch's global order of the N rows (module docstring): pieces permuted and rotated,
+    cut into canonical blocks of ``block_rows`` rows whose rows are permuted."""
+
+    def __init__(
+        self, counts: Sequence[int] | np.ndarray, *, block_rows: int, shuffle: bool, seed: int, epoch: int
+    ) -> None:
+        counts = np.asarray(counts, dtype=np.int64)
+        self.total = int(counts.sum())
+        self.block_rows = int(block_rows)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = epoch
+        if shuffle:
+            rng = np.random.default_rng([seed, epoch])
+            self._order = rng.permutation(len(counts))
+            self._rotation = int(rng.integers(self.total)) if self.total else 0
+        else:
+            self._order = np.arange(len(counts))
+            self._rotation = 0
+        self._bounds = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts[self._order], out=self._bounds[1:])
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.total // self.block_rows)
+
+    def block_size(self, k: int) -> int:
+        return min(self.block_rows, self.total - k * self.block_rows)
+
+    def _stream(self, start: int, stop: int) -> list[Segment]:
+        """Rows ``[start, stop)`` of the piece stream (before rotation) as piece segments."""
+        out: list[Segment] = []
+        order, bounds = self._order, self._bounds
+        i = int(np.searchsorted(bounds, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            end = min(stop, hi)
+            if end > pos:
+                out.append(Segment(int(order[i]), pos - lo, end - lo))
+            pos = end
+            i += 1
+        return out
+
+    def block_segments(self, k: int) -> list[Segment]:
+        """The rows of canonical block k, before its permutation, as piece segments."""
+        lo = k * self.block_rows + self._rotation
+        hi = lo + self.block_size(k)
+        if lo >= self.total:
+            return self._stream(lo - self.total, hi - self.total)
+        if hi <= self.total:
+            return self._stream(lo, hi)
+        return self._stream(lo, self.total) + self._stream(0, hi - self.total)
+
+    def block_permutation(self, k: int) -> np.ndarray | None:
+        """Row order inside block k (None without shuffling: the identity)."""
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, self.epoch, k, 1]).permutation(self.block_size(k))
+
+
+# ----- position intervals -----
+def merge_intervals(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, disjoint, non-empty intervals covering the union of ``intervals``."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def interval_rows(intervals: Iterable[Interval]) -> int:
+    return sum(b - a for a, b in intervals)
+
+
+def complement(consumed: Sequence[Interval], total: int) -> list[Interval]:
+    """The positions of ``[0, total)`` not in ``consumed`` (sorted, disjoint), in order."""
+    out: list[Interval] = []
+    pos = 0
+    for a, b in consumed:
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < total:
+        out.append((pos, total))
+    return out
+
+
+def slice_intervals(intervals: Sequence[Interval], start: int, stop: int) -> list[Interval]:
+    """Rows ``[start, stop)`` of the stream the intervals form, as intervals."""
+    out: list[Interval] = []
+    pos = 0
+    for a, b in intervals:
+        n = b - a
+        lo, hi = max(start - pos, 0), min(stop - pos, n)
+        if lo < hi:
+            out.append((a + lo, a + hi))
+        pos += n
+        if pos >= stop:
+            break
+    return out
+
+
+def rank_intervals(
+    consumed: Sequence[Interval], total: int, rank: int, world_size: int, remainder: str
+) -> tuple[int, list[Interval]]:
+    """(rows per rank, rank ``rank``'s range as order intervals, in stream order) of a leg that
+    starts from ``consumed`` (sorted, disjoint)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    remaining = complement(consumed, total)
+    left = interval_rows(remaining)
+    per_rank = rows_per_rank(left, world_size, remainder)
+    if per_rank == 0:
+        return 0, []
+    start = rank * per_rank % left
+    stop = start + per_rank
+    # per_rank <= left, so a range wraps around the end of the remaining stream at most once.
+    out = slice_intervals(remaining, start, min(stop, left))
+    if stop > left:
+        out += slice_intervals(remaining, 0, stop - left)
+    return per_rank, out
+
+
+def consumed_after(
+    consumed: Sequence[Interval], total: int, world_size: int, remainder: str, rows_each: int
+) -> list[Interval]:
+    """The consumed set after every rank of a leg (started from ``consumed``) took the first
+    ``rows_each`` rows of its range: the same on every rank."""
+    if rows_each <= 0:
+        return list(consumed)
+    taken = list(consumed)
+    for rank in range(world_size):
+        _, mine = rank_intervals(consumed, total, rank, world_size, remainder)
+        taken += slice_intervals(mine, 0, rows_each)
+    return merge_intervals(taken)
+
+
+@dataclass(frozen=True)
+class Visit:
+    """The rows a rank takes from one canonical block, in its stream order."""
+
+    block: int
+    ranges: tuple[Interval, ...]
+    """Offsets ``[lo, hi)`` inside the (permuted) block."""
+
+    @property
+    def num_rows(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+
+def block_visits(intervals: Sequence[Interval], block_rows: int) -> list[Visit]:
+    """A rank's stream (order intervals) as consecutive visits to canonical blocks."""
+    out: list[Visit] = []
+    cur_block = -1
+    cur: list[Interval] = []
+    for a, b in intervals:
+        pos = a
+        while pos < b:
+            k = pos // block_rows
+            end = min(b, (k + 1) * block_rows)
+            if k != cur_block and cur:
+                out.append(Visit(cur_block, tuple(cur)))
+                cur = []
+            cur_block = k
+            lo, hi = pos - k * block_rows, end - k * block_rows
+            if cur and cur[-1][1] == lo:
+                cur[-1] = (cur[-1][0], hi)
+            else:
+                cur.append((lo, hi))
+            pos = end
+    if cur:
+        out.append(Visit(cur_block, tuple(cur)))
+    return out

@@ -29,8 +29,9 @@ class _Failure:
 class Prefetcher:
     """Runs ``produce(put)`` in a daemon thread; ``get()`` hands the items out in order.
 
-    ``put(item, nbytes)`` blocks while ``max_items`` items wait, or while adding ``nbytes`` would
-    exceed ``max_bytes`` (one item is always let through, however big, so progress never
+    ``put(item, nbytes, count)`` blocks while adding ``count`` (an item may stand for several,
+    e.g. a group of batches handed over at once) would exceed ``max_items``, or adding ``nbytes``
+    would exceed ``max_bytes`` (one item is always let through, however big, so progress never
     stalls). An exception in ``produce`` is re-raised by ``get()``. ``close()`` wakes and
     joins the thread; a blocked ``put`` then raises :class:`Closed`, which ends ``produce``.
     """
@@ -44,8 +45,9 @@ class Prefetcher:
         name: str = "sparkdl-loader-prefetch",
     ) -> None:
         self._cond = threading.Condition()
-        self._items: deque[tuple[Any, int]] = deque()
+        self._items: deque[tuple[Any, int, int]] = deque()
         self._bytes = 0
+        self._count = 0
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._closed = False
@@ -57,26 +59,27 @@ class Prefetcher:
     def closed(self) -> bool:
         return self._closed
 
-    def _full(self, nbytes: int) -> bool:
+    def _full(self, nbytes: int, count: int) -> bool:
         if not self._items:
             return False
-        if len(self._items) >= self._max_items:
+        if self._count + count > self._max_items:
             return True
         return self._max_bytes is not None and self._bytes + nbytes > self._max_bytes
 
-    def put(self, item: Any, nbytes: int = 0) -> None:
+    def put(self, item: Any, nbytes: int = 0, count: int = 1) -> None:
         with self._cond:
-            while not self._closed and self._full(nbytes):
+            while not self._closed and self._full(nbytes, count):
                 self._cond.wait()
             if self._closed:
                 raise Closed()
-            self._items.append((item, nbytes))
+            self._items.append((item, nbytes, count))
             self._bytes += nbytes
+            self._count += count
             self._cond.notify_all()
 
     def _finish(self, marker: Any) -> None:
         with self._cond:
-            self._items.append((marker, 0))
+            self._items.append((marker, 0, 0))
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -96,8 +99,9 @@ class Prefetcher:
                 self._cond.wait()
             if not self._items:
                 raise Closed()
-            item, nbytes = self._items.popleft()
+            item, nbytes, count = self._items.popleft()
             self._bytes -= nbytes
+            self._count -= count
             self._cond.notify_all()
         if isinstance(item, _End):
             raise StopIteration
@@ -126,6 +130,7 @@ class Prefetcher:
             self._closed = True
             self._items.clear()
             self._bytes = 0
+            self._count = 0
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)

@@ -262,6 +262,8 @@ class PieceReader:
         fragments: list[ds.ParquetFileFragment],
         columns: list[str],
         flt: ds.Expression | None,
+        *,
+        verify_checksums: bool = True,
     ) -> None:
         self._source = source
         self._pieces = pieces
@@ -269,6 +271,9 @@ class PieceReader:
         self._columns = columns
         self._filter = flt
         self._cached: tuple[int, pa.Table] | None = None
+        # A flipped bit in a data page otherwise decodes into wrong values without any error;
+        # pages written without a CRC (some writers omit it) are read unverified.
+        self._scan_options = ds.ParquetFragmentScanOptions(page_checksum_verification=verify_checksums)
 
     def read_piece(self, index: int) -> pa.Table:
         if self._cached is not None and self._cached[0] == index:
@@ -276,10 +281,17 @@ class PieceReader:
         piece = self._pieces[index]
         try:
             table = self._fragments[index].to_table(
-                schema=self._source.schema, columns=self._columns, filter=self._filter, use_threads=True
+                schema=self._source.schema, columns=self._columns, filter=self._filter, use_threads=True,
+                fragment_scan_options=self._scan_options,
             )
         except (OSError, pa.ArrowInvalid) as e:
             where = self._source.files[piece.file]
+            if "checksum" in str(e).lower() or "crc" in str(e).lower():
+                raise LoaderError(
+                    f"row group {piece.row_group} of {where} is corrupt: {e}. The file changed after it was "
+                    "written (disk or transfer damage); restore it from a replica or backup, or rewrite the "
+                    "table (re-run the job that wrote it) and train on the new version"
+                ) from e
             raise LoaderError(f"cannot read row group {piece.row_group} of {where}: {e}{_remote_hint(where)}") from e
         if table.num_rows != piece.num_rows:
             raise LoaderError(
