@@ -4,7 +4,9 @@ Three groups, each a small pom beside this file:
 
 - ``hdfs``: hadoop-hdfs + hadoop-common, to run a NameNode and a DataNode (storage/minihdfs.py);
 - ``s3a``: hadoop-aws and its AWS SDK v2 bundle, for Spark's ``s3a://``;
-- ``delta``: delta-spark + delta-storage, for the interoperability tests.
+- ``delta``: delta-spark + delta-storage, for the interoperability tests, and the pyspark
+  release that delta-spark was built for (pip-installed into the cache: no delta-spark release
+  runs on Spark 4.3 yet, see docs/storage.md).
 
 Hadoop's version is read from the jars pyspark ships, so the daemons and connectors match the
 client inside Spark. ``mvn dependency:build-classpath`` resolves each pom into a private local
@@ -23,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["GROUPS", "MissingPrerequisite", "cache_dir", "classpath", "fetch", "hadoop_version"]
+__all__ = ["GROUPS", "MissingPrerequisite", "cache_dir", "classpath", "delta_pyspark", "fetch", "hadoop_version"]
 
 HERE = Path(__file__).resolve().parent
 GROUPS = ("hdfs", "s3a", "delta")
@@ -77,9 +79,41 @@ def _read(group: str) -> list[str] | None:
     return jars if jars and all(os.path.exists(j) for j in jars) else None
 
 
+def _delta_pyspark_dir() -> Path:
+    return cache_dir() / f"pyspark-{_pom_property('delta', 'spark.version')}"
+
+
+def delta_pyspark() -> Path:
+    """A folder to put first on PYTHONPATH for a pyspark that delta-spark runs on."""
+    path = _delta_pyspark_dir()
+    if not (path / "pyspark" / "jars").is_dir():
+        raise MissingPrerequisite(f"the pyspark for delta-spark is not in {path}: run `make jars` (needs pip and PyPI)")
+    return path
+
+
+def _fetch_delta_pyspark(quiet: bool) -> None:
+    path = _delta_pyspark_dir()
+    if (path / "pyspark" / "jars").is_dir():
+        return
+    version = _pom_property("delta", "spark.version")
+    if not quiet:
+        print(f"installing pyspark=={version} (for delta-spark) into {path}", flush=True)
+    tmp = path.with_name(path.name + ".tmp")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-warn-conflicts", "--target", str(tmp), f"pyspark=={version}"],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise MissingPrerequisite(f"pip could not install pyspark=={version} for delta-spark: {last[0]}")
+    tmp.replace(path)
+
+
 def fetch(groups: tuple[str, ...] = GROUPS, *, quiet: bool = False) -> None:
     """Resolve the jars of ``groups`` that are not cached yet (needs Maven and Maven Central)."""
     for group in groups:
+        if group == "delta":
+            _fetch_delta_pyspark(quiet)
         if _read(group) is not None:
             continue
         mvn = shutil.which("mvn")
