@@ -112,3 +112,16 @@ def test_pipeline_job_end_to_end_on_hdfs(hdfs_uri, tmp_path):
     assert os.listdir(tmp_path) == [] or set(os.listdir(tmp_path)) <= {"spark-warehouse", "metastore_db", "derby.log"}, \
         f"the job wrote to the local working folder: {os.listdir(tmp_path)}"
 
+
+
+def test_missing_maven_fails_with_one_line_naming_it(tmp_path):
+    """`make jars` on a machine without Maven and without the cache: one line, the tool and the fix."""
+    env = {**os.environ, "SPARKDL_JARS_CACHE": str(tmp_path / "empty"), "PATH": "/nonexistent",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "storage.jars", "hdfs"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: Maven (mvn) is needed once to fetch the 'hdfs' storage-test jars into {tmp_path / 'empty'}: "
+        "install it (apt-get install maven) and rerun `make jars`"
+    ]
