@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sparkdl-installed
 LAKEHOUSE ?= $(CURDIR)/lakehouse
 
-.PHONY: demo test venv check-java bench clean
+.PHONY: demo test venv check-java bench clean jars hdfs-up hdfs-down
 
 check-java:
 	@command -v java >/dev/null 2>&1 || { echo "error: Java 17 is required by Spark 4 and was not found on PATH; install it (e.g. 'apt-get install openjdk-17-jre-headless') or set JAVA_HOME." >&2; exit 1; }
@@ -29,11 +29,24 @@ venv: $(STAMP)
 demo: check-java $(STAMP)
 	$(PY) jobs/pipeline.py --lakehouse $(LAKEHOUSE) --tracking
 
-test: check-java $(STAMP)
+# JVM jars of the storage tests (HDFS daemons, s3a, delta-spark) from Maven Central, cached
+# under ~/.cache/sparkdl-jars (SPARKDL_JARS_CACHE); a no-op once cached. See docs/storage.md.
+jars: $(STAMP)
+	@$(PY) -m storage.jars
+
+test: check-java $(STAMP) jars
 	$(PY) -m pytest -q
+
+# A single-node HDFS on 127.0.0.1:$(HDFS_PORT) for trying sparkdl on hdfs:// by hand.
+HDFS_PORT ?= 9000
+hdfs-up: check-java jars
+	@$(PY) -m storage.minihdfs up --dir .hdfs --port $(HDFS_PORT)
+
+hdfs-down: $(STAMP)
+	@$(PY) -m storage.minihdfs down --dir .hdfs
 
 bench: check-java $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(LAKEHOUSE) .pytest_cache
+	rm -rf $(VENV) $(LAKEHOUSE) .pytest_cache .hdfs

@@ -2,8 +2,14 @@
 
 Delta tables go through Spark's Hadoop filesystems and deltalake; everything else sparkdl
 writes goes through ``pyarrow.fs``, so the same code serves a local folder, ``file://``,
-``s3://``/``s3a://``, ``gs://``, ``abfs://`` and ``hdfs://`` (the last needs libhdfs on the
-machine, see docs/cluster.md). Paths are URIs or local paths, as given to ``Lakehouse``.
+``s3://``/``s3a://``, ``gs://``, ``abfs://`` and ``hdfs://``. Paths are URIs or local paths, as
+given to ``Lakehouse``.
+
+``hdfs://`` (and ``viewfs://``) go through the ``hdfs-native`` client (``sparkdl[hdfs]``), a Rust
+implementation of the HDFS protocol wrapped as a pyarrow filesystem: no libhdfs, JVM or
+CLASSPATH on the ranks, and it reads HADOOP_CONF_DIR for name services. pyarrow's own
+HadoopFileSystem is not used: it needs libhdfs.so, which no pip or Maven package ships
+(docs/storage.md).
 
 Atomicity: ``write_bytes`` writes a hidden temporary object and moves it into place. On a
 local or HDFS filesystem the move is a rename; on object stores a single PUT is already
@@ -22,6 +28,7 @@ import pyarrow.fs as pafs
 __all__: list[str] = []  # internal
 
 _HADOOP_S3 = ("s3a://", "s3n://")
+_HDFS_SCHEMES = ("hdfs", "viewfs")
 
 
 def is_local(uri: str) -> bool:
@@ -36,8 +43,33 @@ def pyarrow_uri(uri: str) -> str:
     return uri
 
 
+class _HdfsHandler(pafs.FSSpecHandler):
+    """pyarrow's contract for ``move`` replaces an existing file; HDFS's rename needs OVERWRITE for that."""
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.mv(src, dest, overwrite=True)
+
+
+def _hdfs(scheme: str, netloc: str) -> pafs.FileSystem:
+    try:
+        from hdfs_native.fsspec import HdfsFileSystem
+    except ImportError as e:
+        raise RuntimeError(
+            f"{scheme}:// paths need the hdfs-native package: pip install 'sparkdl[hdfs]' (docs/storage.md)"
+        ) from e
+    host, _, port = netloc.partition(":")
+    fs = HdfsFileSystem(host=host or None, port=int(port) if port else None)
+    if scheme == "viewfs":
+        fs.protocol = "viewfs"
+    return pafs.PyFileSystem(_HdfsHandler(fs))
+
+
 @lru_cache(maxsize=32)
-def _fs_for(scheme_and_host: str) -> pafs.FileSystem:
+def _fs_for(scheme_and_host: str, pid: int) -> pafs.FileSystem:
+    """Cached per process (``pid``): a forked rank must not reuse its parent's client connections."""
+    parsed = urlparse(scheme_and_host)
+    if parsed.scheme in _HDFS_SCHEMES:
+        return _hdfs(parsed.scheme, parsed.netloc)
     fs, _ = pafs.FileSystem.from_uri(scheme_and_host)
     return fs
 
@@ -51,11 +83,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     uri = pyarrow_uri(uri)
     parsed = urlparse(uri)
     try:
-        fs = _fs_for(f"{parsed.scheme}://{parsed.netloc}")
+        fs = _fs_for(f"{parsed.scheme}://{parsed.netloc}", os.getpid())
+    except RuntimeError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"cannot open the filesystem of {uri} through pyarrow.fs ({type(e).__name__}: {e}); "
-            "see docs/cluster.md for what each scheme needs (credentials, libhdfs)"
+            "see docs/storage.md for what each scheme needs (credentials, endpoints, hdfs-native)"
         ) from e
     path = f"{parsed.netloc}{parsed.path}" if parsed.scheme in ("s3", "gs", "gcs") else parsed.path
     return fs, path.rstrip("/")

@@ -13,6 +13,7 @@ __all__ = [
     "SchemaMismatchError",
     "TableNotFoundError",
     "TableVersionError",
+    "UnsupportedTableFeatureError",
     "CommitConflictError",
     "WriteAbortedError",
     "LoaderError",
@@ -64,6 +65,11 @@ class TableNotFoundError(NonRetryableError, FileNotFoundError):
 
 class TableVersionError(NonRetryableError, ValueError):
     """The requested version of a Delta table does not exist."""
+
+
+class UnsupportedTableFeatureError(NonRetryableError):
+    """A Delta table uses a feature sparkdl's readers would get wrong (deletion vectors in the
+    version read, column mapping, an unknown reader feature); the message names it and the fix."""
 
 
 class CommitConflictError(SparkDLError):

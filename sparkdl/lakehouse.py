@@ -41,6 +41,7 @@ from sparkdl.errors import (
     SchemaMismatchError,
     TableNotFoundError,
     TableVersionError,
+    UnsupportedTableFeatureError,
     WriteAbortedError,
 )
 from sparkdl.schema import DatasetSchema, spark_to_arrow_schema
@@ -158,11 +159,45 @@ def table_version(uri: str, storage_options: Mapping[str, str] | None = None) ->
     return _open(uri, None, storage_options).version()
 
 
+# Reader features that leave the Parquet files of a version readable as they are; the two
+# handled below need more than that, and any other one is refused rather than misread.
+_PLAIN_READER_FEATURES = {"timestampNtz", "v2Checkpoint", "vacuumProtocolCheck"}
+
+
+def _check_readable(dt, uri: str) -> None:
+    """Refuse a table whose files alone would give wrong rows or names (sparkdl reads Parquet files
+    whole and by column name, for the loader and for ``read_table``)."""
+    mode = (dt.metadata().configuration or {}).get("delta.columnMapping.mode", "none")
+    if mode != "none":
+        raise UnsupportedTableFeatureError(
+            f"table {uri} uses the Delta table feature 'columnMapping' (delta.columnMapping.mode={mode}): "
+            "its Parquet files name columns by physical ids that sparkdl does not map; copy it to a table "
+            "without column mapping (CREATE TABLE ... USING delta AS SELECT * FROM ...) or read it with delta-spark"
+        )
+    features = set(dt.protocol().reader_features or [])
+    if "deletionVectors" in features:
+        deleted = pa.table(dt.deletion_vectors()).num_rows
+        if deleted:
+            raise UnsupportedTableFeatureError(
+                f"table {uri} version {dt.version()} has rows deleted through the Delta table feature "
+                f"'deletionVectors' ({deleted} files carry deletion vectors), and sparkdl would read those "
+                f"rows back; purge them with delta-spark (REORG TABLE delta.`{uri}` APPLY (PURGE), or ALTER "
+                "TABLE ... DROP FEATURE deletionVectors) and read the new version"
+            )
+    unknown = sorted(features - _PLAIN_READER_FEATURES - {"deletionVectors", "columnMapping"})
+    if unknown:
+        raise UnsupportedTableFeatureError(
+            f"table {uri} uses the Delta reader features {unknown}, which sparkdl does not read; "
+            "rewrite the table without them or read it with delta-spark"
+        )
+
+
 def snapshot(
     uri: str, version: int | None = None, *, storage_options: Mapping[str, str] | None = None
 ) -> TableSnapshot:
     """Resolve ``version`` (default latest) of the table at ``uri`` to its file list."""
     dt = _open(uri, version, storage_options)
+    _check_readable(dt, uri)
     actions = dt.get_add_actions(flatten=True)
     actions = pa.table(actions) if not isinstance(actions, pa.Table) else actions
     paths = actions.column("path").to_pylist() if actions.num_rows else []

@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from storage_fixtures import hdfs_uri, s3_endpoint  # noqa: E402,F401  (HDFS and S3 servers: tests/storage_fixtures.py)
+
 
 @pytest.fixture(scope="session")
 def spark():

@@ -100,6 +100,8 @@ def _filesystem_for(
             # The Delta log is read with storage_options; the data files must see the same
             # credentials and endpoint (e.g. MinIO), not the default AWS chain.
             filesystem = s3_filesystem(storage_options)
+        elif scheme in _HOSTLESS_SCHEMES:
+            filesystem = _fs.resolve(files[0])[0]  # hdfs-native: pyarrow's HDFS needs libhdfs
         else:
             try:
                 filesystem, _ = pafs.FileSystem.from_uri(_fs.pyarrow_uri(files[0]))

@@ -74,7 +74,7 @@ def ingest_nycflights13(lakehouse: str) -> str:
         return folder
     import pyarrow.fs as pafs
 
-    fs, base = pafs.FileSystem.from_uri(delta_uri(folder))
+    fs, base = _fs.resolve(folder)  # hdfs:// through hdfs-native, like every other lakehouse file
     present = {Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))}
     if all(name in present for name in NYCFLIGHTS13_FILES):
         return folder
