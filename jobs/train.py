@@ -28,19 +28,22 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sparkdl.train.config import COMPRESSION, OPTIMIZERS, PRECISION, SCHEDULES, TrainConfig
+    from sparkdl.train.config import COMPRESSION, OPTIMIZERS, PRECISION, SCHEDULES, STRATEGIES, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=None,
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only "
                         "what spark-submit was given, the profile filling in unset keys)")
     p.add_argument("--debug", action="store_true", help="on failure, also print the failing rank's traceback")
-    choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES}
+    choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES,
+               "strategy": STRATEGIES}
     docs = _field_docs(TrainConfig)
-    floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s")
-    optional_ints = ("train_version", "valid_version", "max_steps")
+    floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "outer_lr", "outer_momentum",
+              "easgd_alpha", "bmuf_block_momentum", "bmuf_block_lr", "ps_timeout_s", "fedavg_local_lr", "dp_clip",
+              "dp_noise_multiplier", "dp_delta")
+    optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("fault_injection", "model_kwargs"):
+        if f.name in ("fault_injection", "model_kwargs", "straggler"):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is dataclasses.MISSING else f.default

@@ -15,6 +15,7 @@ COMPRESSION = ("none", "fp16", "bf16", "powersgd")
 PRECISION = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "linear")
 FAULT_KINDS = ("exit", "raise", "nan", "inf_grad")
+STRATEGIES = ("allreduce", "local_sgd", "easgd", "bmuf", "ssp", "async", "fedavg")
 # Names that become one folder under runs/ or models/: no separators, no leading dot.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -97,6 +98,45 @@ class TrainConfig:
     """Publish the model under this name (letters, digits, '.', '_', '-'); None = do not publish."""
     fault_injection: dict[str, Any] | None = None
     """Test hook: {"rank": r, "step": s, "attempt": a, "kind": "exit"|"raise"|"nan"|"inf_grad"}."""
+    # ----- how ranks share the model (docs/strategies.md) -----
+    strategy: str = "allreduce"
+    """How ranks share the model: allreduce, local_sgd, easgd, bmuf, ssp, async or fedavg (docs/strategies.md)."""
+    sync_every: int = 8
+    """local_sgd and bmuf: local steps between two parameter averages (H); easgd: the communication period (tau)."""
+    local_sgd_warmup_steps: int = 0
+    """local_sgd: all-reduce steps before ranks start stepping alone (post-local SGD)."""
+    outer_lr: float | None = None
+    """local_sgd: learning rate of an outer Nesterov SGD on the averaged delta (DiLoCo, e.g. 0.7); None = plain averaging."""
+    outer_momentum: float = 0.9
+    """local_sgd: momentum of the outer Nesterov optimizer, in [0, 1)."""
+    easgd_alpha: float = 0.1
+    """easgd: moving rate alpha in (0, 1/num_ranks]: how hard replicas and the center pull on each other."""
+    bmuf_block_momentum: float = 0.5
+    """bmuf: block momentum eta in [0, 1)."""
+    bmuf_block_lr: float = 1.0
+    """bmuf: block learning rate zeta (> 0)."""
+    bmuf_nesterov: bool = True
+    """bmuf: restart each block from the global model plus eta x block momentum (Nesterov-style)."""
+    staleness: int = 2
+    """ssp: the fastest worker runs at most this many clocks (steps) ahead of the slowest; 0 = bulk-synchronous."""
+    ps_timeout_s: float = 300.0
+    """ssp and async: seconds a worker waits for a server shard before the stage fails (and resumes)."""
+    fedavg_client_column: str | None = None
+    """fedavg: column whose value names a row's client (non-IID by design); required with strategy='fedavg'."""
+    fedavg_clients_per_round: int | None = None
+    """fedavg: clients sampled per round (seeded); None = every client every round."""
+    fedavg_local_epochs: int = 1
+    """fedavg: passes each sampled client makes over its rows per round (E)."""
+    fedavg_local_lr: float | None = None
+    """fedavg: clients' SGD learning rate; None = lr."""
+    dp_clip: float | None = None
+    """fedavg: clip each client's update to this L2 norm and add Gaussian noise (client-level DP); None = off."""
+    dp_noise_multiplier: float = 1.0
+    """fedavg with dp_clip: noise standard deviation as a multiple of dp_clip (> 0)."""
+    dp_delta: float = 1e-5
+    """fedavg with dp_clip: the delta of the reported (epsilon, delta), in (0, 1)."""
+    straggler: dict[str, Any] | None = None
+    """Test/benchmark hook: {"rank": r, "factor": f} makes rank r's steps take f times as long (it sleeps)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
@@ -157,8 +197,60 @@ class TrainConfig:
         if self.resume and not self.run_id:
             raise bad("resume", "resume needs run_id (the run to continue)")
         self._check_fault_injection()
+        self._check_strategy(bad, is_int, is_num)
         if self.run_id is None:
             self.run_id = "run-" + uuid.uuid4().hex[:10]
+
+    def _check_strategy(self, bad, is_int, is_num) -> None:
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"use one of {list(STRATEGIES)}")
+        for name in ("sync_every", "fedavg_local_epochs"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "must be an integer of at least 1")
+        for name in ("local_sgd_warmup_steps", "staleness"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be an integer of at least 0")
+        for name in ("outer_lr", "fedavg_local_lr", "dp_clip"):
+            if getattr(self, name) is not None and (not is_num(getattr(self, name)) or getattr(self, name) <= 0):
+                raise bad(name, "must be a positive finite number, or None to turn it off")
+        for name in ("outer_momentum", "bmuf_block_momentum"):
+            if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                raise bad(name, "must be in [0, 1), e.g. 0.9")
+        if not is_num(self.easgd_alpha) or not 0 < self.easgd_alpha <= 1 / self.num_ranks:
+            raise bad("easgd_alpha", f"must be in (0, 1/num_ranks] = (0, {1 / self.num_ranks:g}] for a stable center, "
+                                     "e.g. 0.9/num_ranks")
+        if not is_num(self.bmuf_block_lr) or self.bmuf_block_lr <= 0:
+            raise bad("bmuf_block_lr", "must be a positive number, e.g. 1.0")
+        if not is_num(self.ps_timeout_s) or self.ps_timeout_s <= 0:
+            raise bad("ps_timeout_s", "must be a positive number of seconds, e.g. 300")
+        if not is_num(self.dp_noise_multiplier) or self.dp_noise_multiplier <= 0:
+            raise bad("dp_noise_multiplier", "must be a positive number, e.g. 1.0")
+        if not is_num(self.dp_delta) or not 0 < self.dp_delta < 1:
+            raise bad("dp_delta", "must be in (0, 1), e.g. 1e-5 (below 1 / number of clients)")
+        if self.fedavg_clients_per_round is not None and (
+                not is_int(self.fedavg_clients_per_round) or self.fedavg_clients_per_round < 1):
+            raise bad("fedavg_clients_per_round", "must be an integer of at least 1, or None for every client")
+        if self.strategy == "fedavg":
+            if not isinstance(self.fedavg_client_column, str) or not self.fedavg_client_column:
+                raise bad("fedavg_client_column", "strategy='fedavg' needs the column that names each row's client")
+            if self.accumulation_steps != 1:
+                raise bad("accumulation_steps", "fedavg clients step on whole batches; use accumulation_steps=1")
+        elif self.dp_clip is not None:
+            raise bad("dp_clip", "client-level DP is part of strategy='fedavg'; set strategy='fedavg' or dp_clip=None")
+        if self.strategy != "allreduce" and self.sync_batchnorm:
+            raise bad("sync_batchnorm", "SyncBatchNorm synchronizes every forward pass, which only strategy='allreduce' "
+                                        "does in lockstep; turn it off")
+        if self.strategy != "allreduce" and self.compression != "none":
+            raise bad("compression", f"gradient compression hooks belong to strategy='allreduce', not "
+                                     f"{self.strategy!r}; use compression='none'")
+        if self.strategy in ("ssp", "async", "fedavg") and self.precision == "fp16":
+            raise bad("precision", f"strategy={self.strategy!r} has no gradient scaler; use bf16 or fp32")
+        st = self.straggler
+        if st is not None and (not isinstance(st, dict) or set(st) - {"rank", "factor"}
+                               or not is_int(st.get("rank")) or not 0 <= st["rank"] < self.num_ranks
+                               or not is_num(st.get("factor")) or st["factor"] < 1):
+            raise ValueError(f"straggler={st!r} is invalid: use {{'rank': r in 0..{self.num_ranks - 1}, "
+                             "'factor': f >= 1}")
 
     def _check_fault_injection(self) -> None:
         fi = self.fault_injection

@@ -1,8 +1,10 @@
-"""The per-rank training function: loader -> DDP step -> checkpoints -> validation.
+"""The per-rank training function: loader -> strategy step -> checkpoints -> validation.
 
-Runs inside a rank started by ``run_distributed``. Rank 0 writes checkpoints and the per-step
-metrics (through ``sparkdl._fs``) and reports progress to the driver over the launcher's
-channel. Every collective runs on ``device`` tensors, so the same code serves gloo and NCCL.
+Runs inside a rank started by ``run_distributed``. How ranks share the model (DDP all-reduce,
+local SGD, a parameter server, ...) is the ``Strategy``'s business (sparkdl/train/strategies);
+mixed precision is ``Precision``'s and the NaN/inf stop is ``NonFiniteGuard``'s. Rank 0 writes
+checkpoints and the per-step metrics (through ``sparkdl._fs``) and reports progress to the
+driver over the launcher's channel. Collectives run on ``device`` tensors (gloo and NCCL alike).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import random
 import time
 from collections import deque
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,19 @@ from sparkdl.train.config import TrainConfig
 from sparkdl.train.context import rank_context
 from sparkdl.train.handoff import RankSetup
 from sparkdl.train.metrics import StepLog, validate
-from sparkdl.train.optim import build_optimizer, hook_state_dict, load_hook_state, lr_factor, register_comm_hook
+from sparkdl.train.nonfinite import NonFinite, NonFiniteGuard
+from sparkdl.train.optim import lr_factor
+from sparkdl.train.precision import Precision
+from sparkdl.train.strategies import build_strategy
+from sparkdl.train.strategies._rngstate import numpy_state, python_state, set_numpy_state, set_python_state
 
 __all__ = ["train_rank"]
 
 # Setup errors a relaunch would only repeat (bad config, model or checkpoint): not retried.
 _DETERMINISTIC = (ValueError, TypeError, LookupError, ImportError, AttributeError, NotImplementedError)
+# Checkpoint keys the loop writes itself; a strategy's per-rank keys must not collide with them.
+_LOOP_KEYS = {"model", "optimizer", "scheduler", "scaler", "loaders", "rng", "step", "epoch", "history",
+              "epoch_loss", "strategy"}
 
 
 def train_rank(cfg: TrainConfig, setup: RankSetup) -> dict[str, Any]:
@@ -39,12 +47,6 @@ def train_rank(cfg: TrainConfig, setup: RankSetup) -> dict[str, Any]:
         return run.run()
     finally:
         run.close()
-
-
-class _NonFinite(Exception):
-    def __init__(self, step: int, what: str, value: float) -> None:
-        super().__init__(f"{what} became {value} at step {step}")
-        self.step, self.what, self.value = step, what, value
 
 
 class _Rate:
@@ -65,12 +67,6 @@ def _loss_fn(task: str):
     return lambda logits, y: torch.nn.functional.cross_entropy(logits, y.long())
 
 
-def _finite_stat(value: torch.Tensor) -> torch.Tensor:
-    """[is nan, is inf, value or 0] of a scalar, to all-reduce: every rank learns what any rank saw."""
-    v = value.double().reshape(())
-    return torch.stack([torch.isnan(v).double(), torch.isinf(v).double(), torch.nan_to_num(v, 0.0, 0.0, 0.0)])
-
-
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -84,7 +80,7 @@ class _RankRun:
         self.rank, self.world, self.device = self.ctx.rank, self.ctx.world_size, self.ctx.device
         self.run_dir: str = setup.run_dir
         self.label: str = setup.label_column
-        self.train = self.valid = None
+        self.train = self.valid = self.strategy = None
         try:
             self._build()
         except _DETERMINISTIC as e:
@@ -93,8 +89,6 @@ class _RankRun:
 
     # ----- setup -----
     def _build(self) -> None:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         from sparkdl.data import LoaderConfig, TableLoader
         from sparkdl.models import build_model
 
@@ -107,19 +101,23 @@ class _RankRun:
         if cfg.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        # DDP has broadcast rank 0's initial weights; from here each rank draws its own dropout masks.
+        self.strategy = build_strategy(cfg, device=device)
+        self.net = self.strategy.wrap(model)  # every replica starts from rank 0's weights
+        # From here each rank draws its own dropout masks.
         _seed(cfg.seed + self.rank)
-        self.hook_state = register_comm_hook(self.ddp, cfg)
-        self.opt = build_optimizer(cfg, self.ddp.parameters())
+        self.opt = self.strategy.build_optimizer(self.net.parameters())
+        self.precision = Precision(cfg.precision, device)
+        self.guard = NonFiniteGuard(device, check_grads=not self.precision.skips_nonfinite_steps)
         self.loss_fn = _loss_fn(setup.task)
         columns = setup.feature_columns + [self.label]
         self.ids_column = setup.log_row_ids
         if self.ids_column:
             columns.append(self.ids_column)
+        columns += [c for c in self.strategy.extra_columns() if c not in columns]
         pin = device.type == "cuda"
+        dp_rank, dp_world = self.strategy.data_parallel
         self.train = TableLoader(
-            setup.train_uri, version=setup.train_version, rank=self.rank, world_size=self.world,
+            setup.train_uri, version=setup.train_version, rank=dp_rank, world_size=dp_world,
             config=LoaderConfig(batch_size=cfg.batch_size, columns=columns, shuffle=cfg.shuffle, seed=cfg.seed,
                                 shuffle_buffer_rows=cfg.shuffle_buffer_rows, pin_memory=pin))
         if setup.valid_uri:
@@ -127,7 +125,9 @@ class _RankRun:
                 setup.valid_uri, version=setup.valid_version, rank=self.rank, world_size=self.world,
                 config=LoaderConfig(batch_size=max(cfg.batch_size, 1024), columns=columns, shuffle=False,
                                     drop_last=False, remainder="pad", pin_memory=pin))
-        self.steps_per_epoch = len(self.train) // cfg.accumulation_steps
+        self.strategy.prepare(loader=self.train, open_table=lambda config: TableLoader(
+            setup.train_uri, version=setup.train_version, config=config))
+        self.steps_per_epoch = self.strategy.steps_per_epoch(len(self.train))
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"each rank gets {len(self.train)} batches per epoch, fewer than accumulation_steps="
@@ -135,8 +135,7 @@ class _RankRun:
         epochs_total = self.steps_per_epoch * cfg.epochs
         self.total = epochs_total if cfg.max_steps is None else min(cfg.max_steps, epochs_total)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg, self.total))
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.strategy.set_total_steps(self.total)
         self.step, self.start_epoch, self.history = 0, 0, []
         self.epoch_loss = [0.0, 0]  # sum and count of the logged step losses of the current epoch
         self.last_ckpt = latest_checkpoint(self.run_dir)
@@ -150,23 +149,30 @@ class _RankRun:
         if len(state["loaders"]) != self.world:
             raise ValueError(f"checkpoint {self.last_ckpt} was written by {len(state['loaders'])} ranks, this run "
                              f"has {self.world}; resume with num_ranks={len(state['loaders'])}")
+        saved = (state.get("strategy") or {}).get("describe", {"name": "allreduce"})
+        if saved.get("name") != self.strategy.name:
+            raise ValueError(f"checkpoint {self.last_ckpt} was written with strategy={saved.get('name')!r}, this "
+                             f"run has strategy={self.strategy.name!r}; resume with strategy={saved.get('name')!r}")
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        optimizers = state["optimizer"]
+        self.opt.load_state_dict(optimizers[self.rank if len(optimizers) > 1 else 0])
         self.sched.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.precision.load_state_dict(state.get("scaler"))
         self.train.load_state_dict(state["loaders"][self.rank])
         rng = state["rng"][self.rank]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        set_numpy_state(rng["numpy"])
+        set_python_state(rng["python"])
         if rng.get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        load_hook_state(self.hook_state, (state.get("comm_hook") or [None] * self.world)[self.rank], self.device)
+        keys = (state.get("strategy") or {}).get("keys", ["comm_hook"])
+        self.strategy.load_state_dict({k: state[k][self.rank] for k in keys if k in state})
         self.step, self.start_epoch, self.history = state["step"], state["epoch"], state["history"]
         self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
 
     def close(self) -> None:
+        if self.strategy is not None:
+            self.strategy.close()
         for loader in (self.train, self.valid):
             if loader is not None:
                 loader.close()
@@ -175,19 +181,21 @@ class _RankRun:
     def run(self) -> dict[str, Any]:
         try:
             self._epochs()
-        except _NonFinite as bad:
-            # Every rank saw the all-reduced flag and returns normally, so the launcher does not
+        except NonFinite as bad:
+            # Every rank saw the reduced flag and returns normally, so the launcher does not
             # relaunch a run that would only diverge again; fit() raises NonFiniteLossError.
             if self.log is not None:
                 self.log.flush()  # the curves show the blow-up
             return {"nonfinite": {"step": bad.step, "what": bad.what, "value": bad.value,
                                   "checkpoint": self.last_ckpt}}
+        with self.strategy.consensus():  # every rank takes part; rank 0 returns the agreed model
+            state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if self.rank != 0:
             return {}
-        return {"state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "history": self.history, "steps": self.step, "metrics": self.history[-1] if self.history else {},
-                "checkpoint": self.last_ckpt, "train_version": self.train.version,
-                "valid_version": self.valid.version if self.valid else None}
+        return {"state_dict": state, "history": self.history, "steps": self.step,
+                "metrics": self.history[-1] if self.history else {}, "checkpoint": self.last_ckpt,
+                "train_version": self.train.version, "valid_version": self.valid.version if self.valid else None,
+                "strategy": self.strategy.describe()}
 
     def _epochs(self) -> None:
         cfg = self.cfg
@@ -195,16 +203,22 @@ class _RankRun:
             if self.step >= self.total:
                 break
             self.train.set_epoch(epoch)
-            self._epoch(epoch)
-            state = self.train.state_dict()
-            complete = state["epoch"] > epoch or state["position"] >= self.steps_per_epoch * cfg.accumulation_steps
+            if self.strategy.runs_rounds:
+                self._rounds(epoch)
+                complete = self.step >= (epoch + 1) * self.steps_per_epoch
+            else:
+                self._epoch(epoch)
+                state = self.train.state_dict()
+                complete = state["epoch"] > epoch or \
+                    state["position"] >= self.steps_per_epoch * cfg.accumulation_steps
             row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
             if self.epoch_loss[1]:
                 row["train_loss"] = self.epoch_loss[0] / self.epoch_loss[1]
             if not complete:  # max_steps stopped it: a resume with more steps finishes this epoch
                 row["partial"] = True
             if self.valid is not None:
-                row.update(validate(self.model, self.valid, self.label, self.setup.task, self.device))
+                with self.strategy.consensus():
+                    row.update(validate(self.model, self.valid, self.label, self.setup.task, self.device))
             self.history = [h for h in self.history if h["epoch"] != epoch + 1] + [row]
             self._checkpoint(epoch + 1 if complete else epoch)
             if complete:
@@ -213,79 +227,73 @@ class _RankRun:
                 self.ctx.report({"kind": "epoch", **row})
 
     def _epoch(self, epoch: int) -> None:
-        cfg, device = self.cfg, self.device
-        accum = cfg.accumulation_steps
+        accum = self.cfg.accumulation_steps
         micro = 0
-        # [nan seen, inf seen, loss sum] over the step's micro-batches; checked once per optimizer
-        # step, in the one small all-reduce that follows the gradients' own.
-        loss_stat = torch.zeros(3, dtype=torch.float64, device=device)
         # Micro-batches left over from the previous epoch must not leak into this step.
         self.opt.zero_grad(set_to_none=True)
+        started = time.perf_counter()
         for batch in self.train:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if self.ids_column:
                 self._log_ids(epoch, batch[self.ids_column])
             micro += 1
-            sync = micro % accum == 0
-            with nullcontext() if sync else self.ddp.no_sync():
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.loss_fn(self.ddp(batch).float(), batch[self.label]) / accum
+            sync = micro % accum == 0  # gradients are exchanged on the step's last micro-batch only
+            with self.strategy.backward_sync(sync):
+                loss = self._forward_loss(batch) / accum
                 if self._fault("nan"):
                     loss = loss * float("nan")
-                loss_stat += _finite_stat(loss.detach())
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                self.guard.add_loss(loss)
+                self.precision.backward(loss)
             self.samples += len(batch[self.label])
             if not sync:
                 continue
-            loss, lr = self._optimizer_step(loss_stat)
+            loss, lr = self._optimizer_step()
+            self._straggle(started)
             self._after_step(epoch, loss, lr)
-            loss_stat.zero_()
-            if self.step % cfg.checkpoint_every == 0:
+            if self.step % self.cfg.checkpoint_every == 0:
                 self._checkpoint(epoch)
             if self.step >= self.total:
                 break
+            started = time.perf_counter()
 
-    def _optimizer_step(self, loss_stat: torch.Tensor) -> tuple[float, float]:
-        """Check, then apply, the step whose micro-batch losses ``loss_stat`` sums; return
-        (loss averaged over ranks, learning rate of the step).
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.precision.autocast():
+            return self.loss_fn(self.net(batch).float(), batch[self.label])
 
-        One small all-reduce carries the loss and gradient-norm finiteness of every rank, so all
-        ranks stop at the same step, before it is applied, and none waits on a collective per
-        micro-batch."""
-        cfg, opt = self.cfg, self.opt
-        if self.scaler:
-            self.scaler.unscale_(opt)
-        params = [p for p in self.ddp.parameters() if p.grad is not None]
+    def _optimizer_step(self) -> tuple[float, float]:
+        """Check, then apply, the step's gradients; return (loss averaged over the ranks, the step's
+        learning rate). One small reduction carries the loss and gradient-norm finiteness of every
+        rank, so all ranks stop at the same step, before it is applied."""
+        self.precision.unscale(self.opt)
+        params = [p for p in self.net.parameters() if p.grad is not None]
         if self._fault("inf_grad") and params:
             params[0].grad.fill_(float("inf"))
         norm = None
-        if cfg.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        # With a scaler, inf/NaN gradients are expected now and then: it skips those steps and
-        # lowers its scale, so only the loss is checked. Without one, a finite loss can still give
-        # inf/NaN gradients; stepping on them would write non-finite weights into the next
-        # checkpoint, the one the error calls "good".
-        check_grads = self.scaler is None
-        if check_grads and norm is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        grad_stat = _finite_stat(norm.detach().to(self.device)) if check_grads else torch.zeros_like(loss_stat)
-        stat = torch.cat([loss_stat, grad_stat])
-        dist.all_reduce(stat)
-        flags = stat.tolist()
-        if flags[0] + flags[1] > 0:
-            raise _NonFinite(self.step + 1, "loss", float("nan") if flags[0] > 0 else float("inf"))
-        if flags[3] + flags[4] > 0:
-            raise _NonFinite(self.step + 1, "gradient norm", float("nan") if flags[3] > 0 else float("inf"))
-        if self.scaler:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
+        if self.cfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        loss_sum, ranks = self.guard.check(self.step + 1, [p.grad for p in params], norm, self.strategy.reduce_flags)
         lr = self.sched.get_last_lr()[0]
-        opt.zero_grad(set_to_none=True)
+        self.strategy.step(self.opt, self.precision, self.step)
+        self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.step += 1
-        return flags[2] / self.world, lr
+        return loss_sum / ranks, lr
+
+    def _rounds(self, epoch: int) -> None:
+        """Strategies that run whole rounds themselves (fedavg): one loop step is one round."""
+        end = min(self.total, (epoch + 1) * self.steps_per_epoch)
+        while self.step < end:
+            started = time.perf_counter()
+            lr = self.sched.get_last_lr()[0]
+            loss_sum, ranks, samples = self.strategy.run_round(
+                self.step, forward_loss=self._forward_loss, guard=self.guard, precision=self.precision)
+            self.samples += samples
+            self.sched.step()
+            self.step += 1
+            self._straggle(started)
+            self._after_step(epoch, loss_sum / max(ranks, 1), lr)
+            if self.step % self.cfg.checkpoint_every == 0:
+                self._checkpoint(epoch)
 
     def _after_step(self, epoch: int, loss: float, lr: float) -> None:
         self.epoch_loss[0] += loss
@@ -293,32 +301,46 @@ class _RankRun:
         if self.rank != 0:
             return
         row = {"epoch": epoch + 1, "step": self.step, "loss": loss, "lr": lr,
-               "samples_per_s": self.rate(self.samples * self.world), "time": time.time()}
+               "samples_per_s": self.rate(self.samples * self.world), "time": time.time(),
+               **self.strategy.metrics()}
         self.log.add(row)
         self.ctx.report({"kind": "step", "epochs": self.cfg.epochs, "total_steps": self.total, **row})
 
     def _checkpoint(self, epoch: int) -> None:
         """Checkpoint (every rank takes part); ``epoch`` is where a resume starts."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        bad = (~finite).double().reshape(1)
-        dist.all_reduce(bad)
-        if bad.item() > 0:
-            raise _NonFinite(self.step, "a parameter", float("nan"))
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        self.guard.check_parameters(self.step, self.model.parameters(), self.strategy.reduce)
+        rng = {"torch": torch.get_rng_state(), "numpy": numpy_state(), "python": python_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        mine = {"loader": self.train.state_dict(), "rng": rng, "comm_hook": hook_state_dict(self.hook_state)}
+        extra = self.strategy.state_dict()
+        clash = _LOOP_KEYS & set(extra)
+        if clash:
+            raise RuntimeError(f"strategy {self.strategy.name!r} state uses reserved checkpoint keys {sorted(clash)}")
+        mine = {"loader": self.train.state_dict(), "rng": rng, "strategy": extra,
+                # Replicas that drift apart between syncs need every rank's optimizer state.
+                "optimizer": self.opt.state_dict() if self.strategy.replicas_diverge else None}
+        with self.strategy.consensus():
+            model_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} \
+                if self.rank == 0 else None
         gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if self.rank != 0:
             self.last_ckpt = checkpoint_uri(self.run_dir, self.step)
             return
         self.log.flush()  # before the checkpoint: a resume from it finds every row up to it
+        optimizers = [g["optimizer"] for g in gathered] if self.strategy.replicas_diverge else [self.opt.state_dict()]
         self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
-            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "model": model_state, "optimizer": optimizers,
+            "scheduler": self.sched.state_dict(), "scaler": self.precision.state_dict(),
             "loaders": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered],
-            "comm_hook": [g["comm_hook"] for g in gathered], "step": self.step, "epoch": epoch,
-            "history": self.history, "epoch_loss": self.epoch_loss})
+            **{k: [g["strategy"][k] for g in gathered] for k in extra},
+            "strategy": {"describe": self.strategy.describe(), "keys": sorted(extra)},
+            "step": self.step, "epoch": epoch, "history": self.history, "epoch_loss": self.epoch_loss})
+
+    def _straggle(self, started: float) -> None:
+        """Test/benchmark hook: the configured rank sleeps so its steps take ``factor`` times as long."""
+        st = self.cfg.straggler
+        if st and st["rank"] == self.rank and st["factor"] > 1:
+            time.sleep((time.perf_counter() - started) * (st["factor"] - 1))
 
     # ----- test hooks -----
     def _fault(self, kind: str) -> bool:

@@ -1,15 +1,15 @@
-"""Optimizers, the learning-rate schedule and DDP gradient-compression hooks of a run."""
+"""Optimizers and the learning-rate schedule of a run (compression hooks live in strategies/allreduce.py)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from sparkdl.train.config import TrainConfig
 
-__all__ = ["build_optimizer", "lr_factor", "register_comm_hook", "hook_state_dict", "load_hook_state"]
+__all__ = ["build_optimizer", "lr_factor"]
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -34,44 +34,3 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1.0 - frac
 
     return factor
-
-
-def register_comm_hook(ddp, cfg: TrainConfig) -> Any:
-    """Install the compression hook; returns the hook's state (PowerSGD's must be checkpointed)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
-    if cfg.compression == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif cfg.compression == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    elif cfg.compression == "powersgd":
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2,
-                                            random_seed=cfg.seed)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        return state
-    return None
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
-
-
-def hook_state_dict(state: Any) -> dict[str, Any] | None:
-    """PowerSGD's per-rank state (step counter, error feedback, warm-start P/Q, its RNG) on the CPU."""
-    if state is None:
-        return None
-    return {slot: _map_tensors(getattr(state, slot), lambda t: t.detach().cpu().clone())
-            for slot in type(state).__slots__ if slot != "process_group"}
-
-
-def load_hook_state(state: Any, saved: dict[str, Any] | None, device: torch.device) -> None:
-    if state is None or not saved:
-        return
-    for slot, value in saved.items():
-        setattr(state, slot, _map_tensors(value, lambda t: t.to(device)))
