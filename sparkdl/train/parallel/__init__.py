@@ -5,7 +5,8 @@ training loop are ``sparkdl.train.strategies.fsdp`` and ``sparkdl.train.strategi
 docs/parallelism.md says how to choose.
 """
 
-from sparkdl.train.parallel.mesh import (PARALLELISMS, MeshLayout, build_mesh, check_parallelism, check_split_points,
-                                         mesh_layout)
+from sparkdl.train.parallel.mesh import (PARALLELISMS, MeshLayout, build_mesh, check_model_parallelism,
+                                         check_parallelism, check_split_points, mesh_layout)
 
-__all__ = ["PARALLELISMS", "MeshLayout", "build_mesh", "check_parallelism", "check_split_points", "mesh_layout"]
+__all__ = ["PARALLELISMS", "MeshLayout", "build_mesh", "check_model_parallelism", "check_parallelism",
+           "check_split_points", "mesh_layout"]

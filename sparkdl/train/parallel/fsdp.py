@@ -35,7 +35,8 @@ def wrap_targets(model: nn.Module, *, classes: Iterable[str] | None = None, min_
         free = sum(p.numel() for p in module.parameters(recurse=False))
         for child_name, child in module.named_children():
             free += visit(f"{name}.{child_name}" if name else child_name, child)
-        if name and free >= min_params:
+        # Containers without a forward (ModuleList, ModuleDict) cannot be units: their parents take them.
+        if name and free >= min_params and type(module).forward is not nn.Module.forward:
             picked.append(name)
             return 0
         return free

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PARALLELISMS", "PIPELINE_SCHEDULES", "MeshLayout", "build_mesh", "check_parallelism", "mesh_layout"]
+__all__ = ["PARALLELISMS", "PIPELINE_SCHEDULES", "MeshLayout", "build_mesh", "check_model_parallelism", "check_parallelism",
+           "check_split_points", "mesh_layout"]
 
 PARALLELISMS = ("data", "fsdp", "pipeline")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
@@ -113,6 +114,9 @@ def check_parallelism(cfg: Any) -> None:
     if dp is not None and dp * stages != world:
         raise bad("data_parallel_size", f"with {stages} stages on {world} ranks it must be {world // stages} "
                                         "(or None)")
+    if cfg.precision == "fp16":
+        raise bad("precision", "the pipeline schedule runs backward itself, without the fp16 gradient scaler; "
+                               "use bf16 or fp32")
     if cfg.grad_clip is not None:
         raise bad("grad_clip", "clipping needs the norm over all stages, which the pipeline does not compute yet; "
                                "use grad_clip=None with parallelism='pipeline'")
@@ -140,3 +144,24 @@ def build_mesh(layout: MeshLayout, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (layout.dp, layout.inner), mesh_dim_names=layout.dim_names)
+
+
+def check_model_parallelism(cfg: Any, model: torch.nn.Module, example: dict[str, torch.Tensor]) -> None:
+    """Driver-side, on the model built for the dry run: split points exist and the model can be
+    cut there (traced on ``example``), FSDP wrap classes exist, meta init can initialise it."""
+    if cfg.parallelism == "pipeline":
+        from sparkdl.train.parallel.pipeline import split_model
+
+        check_split_points(model, cfg.pipeline_split)
+        split_model(model, cfg.pipeline_split, example)
+    elif cfg.parallelism == "fsdp":
+        from sparkdl.train.parallel.fsdp import wrap_targets
+
+        wrap_targets(model, classes=cfg.fsdp_wrap, min_params=cfg.fsdp_min_params)
+        if cfg.fsdp_meta_init:
+            for name, module in model.named_modules():
+                if next(module.parameters(recurse=False), None) is not None and not (
+                        hasattr(module, "reset_parameters") or hasattr(module, "_reset_parameters")):
+                    raise ValueError(f"fsdp_meta_init=True needs every module with parameters to define "
+                                     f"reset_parameters(); {type(module).__name__} at {name or '<root>'!r} does not: "
+                                     "add one, or set fsdp_meta_init=False")

@@ -29,7 +29,7 @@ from torch import nn
 
 from sparkdl import _fs
 
-__all__ = ["save_sharded", "load_sharded", "save_full_weights"]
+__all__ = ["save_sharded", "load_sharded", "save_full_weights", "prune_shards"]
 
 _EXTRA = "extra.json"
 
@@ -70,9 +70,12 @@ def save_sharded(uri: str, model: nn.Module, opt: torch.optim.Optimizer | None, 
     try:
         os.makedirs(work, exist_ok=True)
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(work, save_distributed=True), process_group=group)
-        rank = dist.get_rank(group)
-        if rank == 0:
-            text = json.dumps({k: _json_value(v) for k, v in extra.items()}, sort_keys=True)
+        # Pipeline stages hold different optimizer parameter groups: rank 0 writes them all.
+        extras: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(extras, extra, group=group)
+        if dist.get_rank(group) == 0:
+            merged = {k: v for part in extras for k, v in part.items()}
+            text = json.dumps({k: _json_value(v) for k, v in merged.items()}, sort_keys=True)
             if local:
                 with open(os.path.join(work, _EXTRA), "w") as f:
                     f.write(text)
@@ -84,6 +87,8 @@ def save_sharded(uri: str, model: nn.Module, opt: torch.optim.Optimizer | None, 
                     with open(os.path.join(work, name), "rb") as f:
                         _fs.write_bytes(_fs.join(uri, name), f.read())
         dist.barrier(group=group)  # the folder is complete before anyone records it as a checkpoint
+        if dist.get_rank(group) == 0:
+            prune_shards(uri)
     finally:
         if not local:
             shutil.rmtree(work, ignore_errors=True)
@@ -132,3 +137,13 @@ def save_full_weights(uri: str, model: nn.Module, *, group: dist.ProcessGroup | 
     if dist.get_rank(group) == 0:
         _fs.write_bytes(uri, save({k: v.detach().contiguous() for k, v in full.items()}))
     dist.barrier(group=group)
+
+
+def prune_shards(uri: str) -> None:
+    """Delete the ``step-N.shards`` folders next to ``uri`` (a new one) whose ``step-N.pt``
+    checkpoint file is gone (sparkdl.train.checkpoint keeps the last few); call on one rank."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    names = set(_fs.listdir(parent))
+    for other in names:
+        if other.endswith(".shards") and other != name and other[:-len(".shards")] + ".pt" not in names:
+            _fs.delete(_fs.join(parent, other))
