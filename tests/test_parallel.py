@@ -265,3 +265,108 @@ def test_sharded_checkpoint_resumes_exactly_without_pickles(tmp_path):
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     for k, v in out["straight"].items():
         assert torch.equal(out["resumed"][k], v), k
+
+
+# ----- through fit(): the strategies on the real loop, loader, checkpoints and registry -----
+
+ROWS = 256
+
+
+@pytest.fixture(scope="module")
+def token_lake(tmp_path_factory) -> str:
+    """A lakehouse with one Delta table of token sequences (written with delta-rs: no Spark needed)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    root = tmp_path_factory.mktemp("par-lake")
+    x, y = _token_data(0, ROWS)
+    table = pa.table({"id": pa.array(range(ROWS), pa.int64()),
+                      "tokens": pa.FixedSizeListArray.from_arrays(pa.array(x["tokens"].reshape(-1).numpy()), 8),
+                      "label": pa.array(y.numpy())})
+    write_deltalake(str(root / "tables" / "tokens"), table)
+    return str(root)
+
+
+def _cfg(root: str, **kw):
+    from sparkdl.train import TrainConfig
+
+    base = dict(lakehouse=root, train_table=str(Path(root) / "tables" / "tokens"), model="test_parallel:token_net",
+                feature_columns=["tokens"], label_column="label", local_mode=True, num_ranks=2, batch_size=16,
+                epochs=1, max_steps=4, shuffle=False, optimizer="adamw", lr=0.01, checkpoint_every=2,
+                deterministic=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _published(root: str, name: str):
+    from sparkdl.registry import load_model
+
+    model, mv = load_model(root, name)
+    return model, mv
+
+
+def test_fsdp_through_fit_equals_allreduce_publishes_and_predicts(token_lake):
+    from sparkdl.train import fit
+
+    fit(_cfg(token_lake, run_id="ar", model_name="tok-ar"), progress=False)
+    res = fit(_cfg(token_lake, run_id="fsdp", model_name="tok-fsdp", parallelism="fsdp",
+                   fsdp_wrap=["TransformerEncoderLayer"]), progress=False)
+    ar, _ = _published(token_lake, "tok-ar")
+    sharded, mv = _published(token_lake, "tok-fsdp")
+    assert mv.training_config["parallelism"] == "fsdp"
+    for k, v in ar.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    x, _ = _token_data(99, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(x), ar(x), rtol=1e-5, atol=1e-6)
+    # Checkpoints hold shards (safetensors + JSON) and a model-free loop file.
+    shards = Path(res.checkpoint[:-3] + ".shards")
+    assert sorted(p.suffix for p in shards.iterdir()) == [".json", ".safetensors", ".safetensors"]
+    assert "model" not in torch.load(res.checkpoint, weights_only=True) or \
+        torch.load(res.checkpoint, weights_only=True).get("model") is None
+
+
+def test_fsdp_kill_and_resume_is_exact(token_lake):
+    from sparkdl.train import fit
+
+    fit(_cfg(token_lake, run_id="fsdp-clean", model_name="tok-clean", parallelism="fsdp", max_steps=6),
+        progress=False)
+    fit(_cfg(token_lake, run_id="fsdp-killed", model_name="tok-killed", parallelism="fsdp", max_steps=6,
+             fault_injection={"rank": 1, "step": 4, "kind": "exit"}), progress=False)
+    clean, _ = _published(token_lake, "tok-clean")
+    killed, _ = _published(token_lake, "tok-killed")
+    for k, v in clean.state_dict().items():
+        assert torch.equal(killed.state_dict()[k], v), k
+
+
+def test_pipeline_through_fit_equals_one_rank_and_publishes(token_lake):
+    from sparkdl.train import fit
+
+    fit(_cfg(token_lake, run_id="one", model_name="tok-one", num_ranks=1, optimizer="sgd", momentum=0.9, lr=0.1),
+        progress=False)
+    res = fit(_cfg(token_lake, run_id="pipe", model_name="tok-pipe", parallelism="pipeline", optimizer="sgd",
+                   momentum=0.9, lr=0.1, pipeline_split=["encoder.layers.2"], microbatches=4), progress=False)
+    one, _ = _published(token_lake, "tok-one")
+    piped, mv = _published(token_lake, "tok-pipe")
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(piped.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    x, _ = _token_data(99, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(piped(x), one(x), rtol=1e-5, atol=1e-6)
+    assert res.history[-1]["train_loss"] > 0
+
+
+def test_pre_launch_errors_name_the_field(token_lake):
+    from sparkdl.train import fit
+
+    with pytest.raises(ValueError, match=r"pipeline_split=\['encoder.layers.9'\].*no submodule"):
+        fit(_cfg(token_lake, run_id="bad-split", parallelism="pipeline", pipeline_split=["encoder.layers.9"]))
+    assert not (Path(token_lake) / "runs" / "bad-split").exists()  # failed before launch: no run folder
+    with pytest.raises(ValueError, match="num_ranks=3 is invalid: 2 pipeline stages"):
+        _cfg(token_lake, parallelism="pipeline", pipeline_split=["encoder.layers.2"], num_ranks=3)
+    with pytest.raises(ValueError, match="data_parallel_size=3 is invalid"):
+        _cfg(token_lake, parallelism="fsdp", data_parallel_size=3, num_ranks=4)
+    with pytest.raises(ValueError, match="strategy='local_sgd' is invalid: parallelism='fsdp'"):
+        _cfg(token_lake, parallelism="fsdp", strategy="local_sgd")
+    with pytest.raises(ValueError, match=r"fsdp_wrap=\['Nope'\] is invalid"):
+        fit(_cfg(token_lake, run_id="bad-wrap", parallelism="fsdp", fsdp_wrap=["Nope"]))
