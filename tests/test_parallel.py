@@ -96,9 +96,10 @@ def _train_ddp_or_fsdp(rank, world, mode, kind, out):
     model = _Net()
     if mode == "ddp":
         net = DDP(model)
-    else:
-        mesh = build_mesh(MeshLayout("fsdp", 1, world), torch.device("cpu"))
-        net = shard_model(model, mesh, classes=["_Block"])
+    else:  # fsdp: 1 x world shards; hsdp: 2 replicas x world/2 shards
+        dp = 2 if mode == "hsdp" else 1
+        mesh = build_mesh(MeshLayout("fsdp", dp, world // dp), torch.device("cpu"))
+        net = shard_model(model, mesh if dp > 1 else mesh["shard"], classes=["_Block"])
     opt = _opt(net.parameters(), kind)
     for step in range(STEPS):
         x, y = _data(step, BATCH * world)
@@ -370,3 +371,43 @@ def test_pre_launch_errors_name_the_field(token_lake):
         _cfg(token_lake, parallelism="fsdp", strategy="local_sgd")
     with pytest.raises(ValueError, match=r"fsdp_wrap=\['Nope'\] is invalid"):
         fit(_cfg(token_lake, run_id="bad-wrap", parallelism="fsdp", fsdp_wrap=["Nope"]))
+
+
+# ----- hybrids on 4 ranks: HSDP (2 replicas x 2 shards) and data parallel x pipeline (2 x 2) -----
+
+def test_hsdp_2x2_matches_ddp_on_4_ranks(tmp_path):
+    from safetensors.torch import load_file
+
+    _spawn(_train_ddp_or_fsdp, 4, "ddp", "adamw", tmp_path / "ddp.pt")
+    _spawn(_train_ddp_or_fsdp, 4, "hsdp", "adamw", tmp_path / "hsdp.safetensors")
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    hsdp = load_file(tmp_path / "hsdp.safetensors")
+    for k in ddp:
+        torch.testing.assert_close(hsdp[k], ddp[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_pipeline_2x2_shards_data_by_replica_and_equals_allreduce(token_lake):
+    from sparkdl.train import fit
+
+    fit(_cfg(token_lake, run_id="ar2", model_name="tok-ar2", num_ranks=2, optimizer="sgd", momentum=0.9, lr=0.1,
+             ), progress=False, log_row_ids="id")
+    res = fit(_cfg(token_lake, run_id="pipe2x2", model_name="tok-pipe2x2", num_ranks=4, parallelism="pipeline",
+                   optimizer="sgd", momentum=0.9, lr=0.1, pipeline_split=["encoder.layers.2"], microbatches=2),
+              progress=False, log_row_ids="id")
+    ar, _ = _published(token_lake, "tok-ar2")
+    piped, mv = _published(token_lake, "tok-pipe2x2")
+    for k, v in ar.state_dict().items():
+        torch.testing.assert_close(piped.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # Ranks 0,1 (replica 0's stages) read the same rows, ranks 2,3 the other half.
+    import json
+
+    def rows(run: str, rank: int) -> list[int]:
+        path = Path(token_lake) / "runs" / run / f"rows-rank{rank}.jsonl"
+        return [i for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
+
+    assert rows("pipe2x2", 0) == rows("pipe2x2", 1) == rows("ar2", 0)
+    assert rows("pipe2x2", 2) == rows("pipe2x2", 3) == rows("ar2", 1)
+    # The logged loss is the replicas' mean, the same as all-reduce's.
+    ar_rows = [json.loads(line) for line in Path(res.step_metrics.replace("pipe2x2", "ar2")).read_text().splitlines()]
+    pp_rows = [json.loads(line) for line in Path(res.step_metrics).read_text().splitlines()]
+    assert [r["loss"] for r in pp_rows] == pytest.approx([r["loss"] for r in ar_rows], rel=1e-5)
