@@ -237,6 +237,7 @@ def main() -> None:
     p.add_argument("--limit-layers", type=int, default=12)
     p.add_argument("--limit-gb", type=float, default=1.3,
                    help="per-rank address-space budget on top of what torch + the process group use")
+    p.add_argument("--limit-batch", type=int, default=2)
     p.add_argument("--skip-limit", action="store_true")
     p.add_argument("--gpu", action="store_true")
     args = p.parse_args()
@@ -269,7 +270,7 @@ def main() -> None:
     print(f"\nMemory limit: RLIMIT_AS = address space after start-up + {args.limit_gb} GiB per rank; "
           f"model dim={args.limit_dim} layers={args.limit_layers}, AdamW, 1 step")
     for mode, meta in (("allreduce", False), ("fsdp", True)):
-        res = run(mode, world, argparse.Namespace(**{**vars(args), "steps": 1}), dim=args.limit_dim,
+        res = run(mode, world, argparse.Namespace(**{**vars(args), "steps": 1, "batch": args.limit_batch}), dim=args.limit_dim,
                   layers=args.limit_layers, limit_bytes=limit, meta_init=meta)
         print(mode, json.dumps(res), flush=True)
         r0 = res[0]
