@@ -15,6 +15,9 @@ import json
 import sys
 
 
+_LISTS = ("feature_columns", "pipeline_split", "fsdp_wrap")  # comma-separated on the command line
+
+
 def _field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal after each field) as --help text."""
     docs: dict[str, str] = {}
@@ -30,6 +33,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 def _parser() -> argparse.ArgumentParser:
     from sparkdl.tasks import TASKS
     from sparkdl.train.config import COMPRESSION, OPTIMIZERS, PRECISION, SCHEDULES, STRATEGIES, TrainConfig
+    from sparkdl.train.parallel.mesh import PARALLELISMS, PIPELINE_SCHEDULES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=None,
@@ -37,12 +41,14 @@ def _parser() -> argparse.ArgumentParser:
                         "what spark-submit was given, the profile filling in unset keys)")
     p.add_argument("--debug", action="store_true", help="on failure, also print the failing rank's traceback")
     choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES,
-               "strategy": STRATEGIES, "task": TASKS}
+               "strategy": STRATEGIES, "task": TASKS,
+               "parallelism": PARALLELISMS, "pipeline_schedule": PIPELINE_SCHEDULES}
     docs = _field_docs(TrainConfig)
     floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "collective_timeout_s", "outer_lr",
               "outer_momentum", "easgd_alpha", "bmuf_block_momentum", "bmuf_block_lr", "ps_timeout_s", "fedavg_local_lr",
               "dp_clip", "dp_noise_multiplier", "dp_delta")
-    optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round", "num_classes")
+    optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round", "num_classes",
+                     "data_parallel_size")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("fault_injection", "model_kwargs", "straggler"):
             continue
@@ -51,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         help_text = f"{docs.get(f.name, '')} (default: {default})"
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "feature_columns":
+        elif f.name in _LISTS:
             p.add_argument(flag, default=None, help=help_text + "; comma-separated")
         else:
             typ = float if f.name in floats else int if isinstance(default, int) or f.name in optional_ints else str
@@ -90,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sparkdl train failed: --model-kwargs is not JSON: {e}", file=sys.stderr)
         return 1
-    if args.get("feature_columns"):
-        args["feature_columns"] = [c.strip() for c in args["feature_columns"].split(",")]
+    for name in _LISTS:
+        if args.get(name):
+            args[name] = [c.strip() for c in args[name].split(",")]
     from sparkdl.errors import SparkDLError
     from sparkdl.tracking import TrackingConfig, check_tracking, track_fit
     from sparkdl.train import TrainConfig, fit

@@ -116,11 +116,14 @@ def list_versions(root: str, name: str) -> list[int]:
     return [v for v in _version_numbers(d) if _fs.exists(_fs.join(d, f"v{v}", _MARKER))]
 
 
-def _files(model: torch.nn.Module, docs: dict[str, Any], extra_files: dict[str, str] | None) -> dict[str, bytes]:
+def _files(model: torch.nn.Module | None, docs: dict[str, Any], extra_files: dict[str, str] | None,
+           weights_uri: str | None = None) -> dict[str, bytes]:
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    files = {"model.safetensors": save(state)}
+    if weights_uri is not None:
+        files = {"model.safetensors": _fs.read_bytes(weights_uri)}
+    else:
+        files = {"model.safetensors": save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})}
     files.update({fname: json.dumps(obj, indent=2, default=str).encode() for fname, obj in docs.items()})
     for fname, src in (extra_files or {}).items():
         if src and _fs.exists(src):
@@ -128,16 +131,24 @@ def _files(model: torch.nn.Module, docs: dict[str, Any], extra_files: dict[str, 
     return files
 
 
-def publish_model(root: str, name: str, *, model: torch.nn.Module, model_config: dict[str, Any],
+def publish_model(root: str, name: str, *, model: torch.nn.Module | None = None, model_config: dict[str, Any],
                   training_config: dict[str, Any], lineage: dict[str, Any], metrics: dict[str, Any],
-                  preprocessing: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None) -> ModelVersion:
+                  preprocessing: dict[str, Any] | None = None, extra_files: dict[str, str] | None = None,
+                  weights_uri: str | None = None) -> ModelVersion:
     """Publish ``model`` as the next version of ``name``; ``extra_files`` maps file names in the
-    version to source paths or URIs (e.g. the curves PNG)."""
+    version to source paths or URIs (e.g. the curves PNG).
+
+    ``weights_uri`` instead of ``model``: a safetensors file the training ranks staged in the
+    lakehouse (sharded models: FSDP, pipeline), committed as the version's weights as is, so
+    the weights never pass through Spark's ``collect()``. It must hold the model's full state
+    dict; ``load_model`` checks it against the model built from ``model_config``."""
     _check_name(name)
+    if (model is None) == (weights_uri is None):
+        raise ValueError("publish_model needs exactly one of model= and weights_uri=")
     created = time.time()
     files = _files(model, {"model_config.json": model_config, "training_config.json": training_config,
                            "lineage.json": lineage, "metrics.json": metrics, "preprocessing.json": preprocessing},
-                   extra_files)
+                   extra_files, weights_uri)
     d = _model_dir(root, name)
     version = _publish_by_rename(d, files) if not _is_uri(root) else _publish_by_claim(d, files)
     _fs.write_text(_fs.join(d, f"v{version}", _MARKER), json.dumps({"created_at": created}))

@@ -148,6 +148,27 @@ class TrainConfig:
     """fedavg with dp_clip: the delta of the reported (epsilon, delta), in (0, 1)."""
     straggler: dict[str, Any] | None = None
     """Test/benchmark hook: {"rank": r, "factor": f} makes rank r's steps take f times as long (it sleeps)."""
+    # ----- models bigger than one rank (docs/parallelism.md) -----
+    parallelism: str = "data"
+    """data (each rank a whole model, kept in sync by the strategy), fsdp (sharded: FSDP2) or pipeline (stages)."""
+    data_parallel_size: int | None = None
+    """fsdp: replicas of the sharded model (HSDP mesh data_parallel_size x num_ranks/data_parallel_size); None = 1.
+    pipeline: must be num_ranks / stages (None works it out)."""
+    fsdp_wrap: list[str] | None = None
+    """fsdp: module class names sharded as one unit each (e.g. ["TransformerEncoderLayer"]); None = by size (fsdp_min_params)."""
+    fsdp_min_params: int = 1_000_000
+    """fsdp without fsdp_wrap: the smallest submodules holding at least this many parameters become units."""
+    fsdp_offload: bool = False
+    """fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (the optimizer steps on the CPU)."""
+    fsdp_meta_init: bool = False
+    """fsdp: build the model on the meta device and initialise each rank's shard (reset_parameters), so the
+    full model never exists on one rank; weights then differ from a plain init with the same seed."""
+    pipeline_split: list[str] | None = None
+    """pipeline: module names where stages 2, 3, ... begin, in forward order (e.g. ["encoder.layers.2"])."""
+    pipeline_schedule: str = "gpipe"
+    """pipeline: gpipe (all forwards, then all backwards) or 1f1b (less activation memory)."""
+    microbatches: int = 4
+    """pipeline: micro-batches per batch (they must divide batch_size)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
@@ -212,6 +233,9 @@ class TrainConfig:
             raise bad("resume", "resume needs run_id (the run to continue)")
         self._check_fault_injection()
         self._check_strategy(bad, is_int, is_num)
+        from sparkdl.train.parallel.mesh import check_parallelism
+
+        check_parallelism(self)
         if self.run_id is None:
             self.run_id = "run-" + uuid.uuid4().hex[:10]
 

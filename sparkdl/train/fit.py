@@ -191,6 +191,10 @@ def _dry_run(cfg: TrainConfig, setup: RankSetup, model: Any, task: Any, batch: d
     if loss.dim() != 0:
         raise ValueError(f"loss={cfg.loss!r} returns shape {list(loss.shape)}; return one loss per row ([n]) or a "
                          "scalar")
+    if cfg.parallelism != "data":
+        from sparkdl.train.parallel import check_model_parallelism
+
+        check_model_parallelism(cfg, model.train(), {c: batch[c] for c in setup.feature_columns})
 
 
 def _resume_state(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
@@ -300,9 +304,12 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
 
         from sparkdl.registry import publish_model
 
-        model.load_state_dict(out["state_dict"])
+        if out.get("weights_uri") is None:
+            model.load_state_dict(out["state_dict"])
         mv = publish_model(
-            config.lakehouse, config.model_name, model=model,
+            config.lakehouse, config.model_name,
+            # Sharded runs staged their full weights in the run folder from the ranks themselves.
+            **({"weights_uri": out["weights_uri"]} if out.get("weights_uri") else {"model": model}),
             model_config={"factory": config.model, "kwargs": setup.model_kwargs,
                           # the spec is published once, as preprocessing.json; load_model puts it back
                           "features": {**setup.features.to_dict(), "spec": None},

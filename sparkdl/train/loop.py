@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparkdl import _fs
 from sparkdl.errors import NonRetryableError
 from sparkdl.train.checkpoint import (capture_rng, checkpoint_uri, latest_checkpoint, load_checkpoint, restore_rng,
                                       save_checkpoint)
@@ -38,6 +39,11 @@ _DETERMINISTIC = (ValueError, TypeError, LookupError, ImportError, AttributeErro
 # Checkpoint keys the loop writes itself; a strategy's per-rank keys must not collide with them.
 _LOOP_KEYS = {"model", "optimizer", "scheduler", "scaler", "loaders", "rng", "step", "epoch", "history",
               "epoch_loss", "strategy"}
+
+
+def _sharded_uri(checkpoint: str) -> str:
+    """Folder of a sharded strategy's model and optimizer shards, next to the checkpoint file."""
+    return checkpoint[:-len(".pt")] + ".shards"
 
 
 def train_rank(cfg: TrainConfig, setup: RankSetup) -> dict[str, Any]:
@@ -93,11 +99,13 @@ class _RankRun:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         _seed(cfg.seed)
-        model = build_model(cfg.model, features=setup.features, **setup.model_kwargs).to(device)
+        self.strategy = build_strategy(cfg, device=device)
+        model = self.strategy.create_model(
+            lambda: build_model(cfg.model, features=setup.features, **setup.model_kwargs))
         if cfg.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.strategy = build_strategy(cfg, device=device)
+        self.strategy.example_batch = self._example_batch
         self.net = self.strategy.wrap(model)  # every replica starts from rank 0's weights
         # From here each rank draws its own dropout masks.
         _seed(cfg.seed + self.rank)
@@ -142,6 +150,16 @@ class _RankRun:
         self.samples = 0
         self.rate = _Rate()
 
+    def _example_batch(self, rows: int) -> dict[str, torch.Tensor]:
+        """The first ``rows`` training rows' features, on the device (for strategies that trace the model)."""
+        from sparkdl.data import LoaderConfig, TableLoader
+
+        setup = self.setup
+        with TableLoader(setup.train_uri, version=setup.train_version,
+                         config=LoaderConfig(batch_size=rows, columns=list(setup.feature_columns), shuffle=False,
+                                             drop_last=False, prefetch_batches=1)) as loader:
+            return {k: v.to(self.device) for k, v in next(iter(loader)).items()}
+
     def _restore(self, state: dict[str, Any]) -> None:
         if len(state["loaders"]) != self.world:
             raise ValueError(f"checkpoint {self.last_ckpt} was written by {len(state['loaders'])} ranks, this run "
@@ -150,9 +168,12 @@ class _RankRun:
         if saved.get("name") != self.strategy.name:
             raise ValueError(f"checkpoint {self.last_ckpt} was written with strategy={saved.get('name')!r}, this "
                              f"run has strategy={self.strategy.name!r}; resume with strategy={saved.get('name')!r}")
-        self.model.load_state_dict(state["model"])
-        optimizers = state["optimizer"]
-        self.opt.load_state_dict(optimizers[self.rank if len(optimizers) > 1 else 0])
+        if self.strategy.shards_model:
+            self.strategy.load_model_state(_sharded_uri(self.last_ckpt), self.opt)
+        else:
+            self.model.load_state_dict(state["model"])
+            optimizers = state["optimizer"]
+            self.opt.load_state_dict(optimizers[self.rank if len(optimizers) > 1 else 0])
         self.sched.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))
         self.train.load_state_dict(state["loaders"][self.rank])
@@ -180,11 +201,16 @@ class _RankRun:
                 self.log.flush()  # the curves show the blow-up
             return {"nonfinite": {"step": bad.step, "what": bad.what, "value": bad.value,
                                   "checkpoint": self.last_ckpt}}
-        with self.strategy.consensus():  # every rank takes part; rank 0 returns the agreed model
-            state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = weights = None
+        if self.strategy.shards_model:  # the ranks write the full weights; nothing big goes to the driver
+            weights = _fs.join(self.run_dir, "publish", f"model-step-{self.step:09d}.safetensors")
+            self.strategy.export_weights(weights)
+        else:
+            with self.strategy.consensus():  # every rank takes part; rank 0 returns the agreed model
+                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if self.rank != 0:
             return {}
-        return {"state_dict": state, "history": self.history, "steps": self.step,
+        return {"state_dict": state, "weights_uri": weights, "history": self.history, "steps": self.step,
                 "metrics": self.history[-1] if self.history else {}, "checkpoint": self.last_ckpt,
                 "train_version": self.train.version, "valid_version": self.valid.version if self.valid else None,
                 "strategy": self.strategy.describe()}
@@ -232,11 +258,16 @@ class _RankRun:
             micro += 1
             sync = micro % accum == 0  # gradients are exchanged on the step's last micro-batch only
             with self.strategy.backward_sync(sync):
-                loss = self._forward_loss(batch) / accum
-                if self._fault("nan"):
-                    loss = loss * float("nan")
-                self.guard.add_loss(loss)
-                self.precision.backward(loss)
+                if self.strategy.owns_forward_backward:  # a pipeline schedule: loss on the last stage only
+                    loss = self.strategy.forward_backward(batch, label=self.label, loss_fn=self.loss_fn,
+                                                          precision=self.precision, scale=1 / accum)
+                    self.guard.add_loss(loss if loss is not None else torch.zeros((), device=self.device))
+                else:
+                    loss = self._forward_loss(batch) / accum
+                    if self._fault("nan"):
+                        loss = loss * float("nan")
+                    self.guard.add_loss(loss)
+                    self.precision.backward(loss)
             self.samples += len(batch[self.label])
             if not sync:
                 continue
@@ -294,7 +325,7 @@ class _RankRun:
         if self.rank != 0:
             return
         row = {"epoch": epoch + 1, "step": self.step, "loss": loss, "lr": lr,
-               "samples_per_s": self.rate(self.samples * self.world), "time": time.time(),
+               "samples_per_s": self.rate(self.samples * self.strategy.data_parallel[1]), "time": time.time(),
                # This rank's cumulative samples and strategy traffic (bytes it sent), for benchmarks.
                "rank_samples": self.samples, "comm_bytes": self.strategy.bytes_sent, **self.strategy.metrics()}
         self.log.add(row)
@@ -311,16 +342,21 @@ class _RankRun:
         mine = {"loader": self.train.state_dict(), "rng": rng, "strategy": extra,
                 # Replicas that drift apart between syncs need every rank's optimizer state.
                 "optimizer": self.opt.state_dict() if self.strategy.replicas_diverge else None}
-        with self.strategy.consensus():
-            model_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} \
-                if self.rank == 0 else None
+        model_state = None
+        if self.strategy.shards_model:  # each rank writes its shards, before the file that points at them
+            self.strategy.save_model_state(_sharded_uri(checkpoint_uri(self.run_dir, self.step)), self.opt)
+        else:
+            with self.strategy.consensus():
+                model_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} \
+                    if self.rank == 0 else None
         gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if self.rank != 0:
             self.last_ckpt = checkpoint_uri(self.run_dir, self.step)
             return
         self.log.flush()  # before the checkpoint: a resume from it finds every row up to it
-        optimizers = [g["optimizer"] for g in gathered] if self.strategy.replicas_diverge else [self.opt.state_dict()]
+        optimizers = [g["optimizer"] for g in gathered] if self.strategy.replicas_diverge else \
+            None if self.strategy.shards_model else [self.opt.state_dict()]
         self.last_ckpt = save_checkpoint(self.run_dir, self.step, {
             "model": model_state, "optimizer": optimizers,
             "scheduler": self.sched.state_dict(), "scaler": self.precision.state_dict(),

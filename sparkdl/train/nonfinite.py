@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["NonFinite", "NonFiniteGuard"]
 
@@ -53,6 +54,8 @@ class NonFiniteGuard:
         if self.check_grads:
             if norm is None:
                 norm = torch.nn.utils.get_total_norm(list(grads))
+            if isinstance(norm, DTensor):  # sharded gradients (FSDP): the norm over all shards
+                norm = norm.full_tensor()
             grad_stat = _finite_stat(norm.detach().to(self.device))
         else:
             grad_stat = torch.zeros_like(self._loss)
@@ -68,7 +71,8 @@ class NonFiniteGuard:
     def check_parameters(self, step: int, params: Iterable[torch.Tensor],
                          reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Before a checkpoint: no rank may save non-finite weights as the last good state."""
-        tensors = list(params)
+        # Sharded parameters: each rank checks its own shard; the reduction covers the rest.
+        tensors = [p.to_local() if isinstance(p, DTensor) else p for p in params]
         finite = torch.stack([torch.isfinite(p).all() for p in tensors]).all() if tensors else torch.tensor(True)
         bad = (~finite).double().reshape(1).to(self.device)
         if reduce(bad).item() > 0:

@@ -26,6 +26,14 @@ _CLASSES = {
 }
 
 
+# Model parallelism (TrainConfig.parallelism) replaces the replica strategy; mesh.py allows it
+# with strategy="allreduce" only.
+_PARALLEL = {
+    "fsdp": ("sparkdl.train.strategies.fsdp", "FullyShardedDataParallel"),
+    "pipeline": ("sparkdl.train.strategies.pipeline", "Pipeline"),
+}
+
+
 def build_strategy(cfg: TrainConfig, *, device: torch.device, group: dist.ProcessGroup | None = None) -> Strategy:
-    module, cls = _CLASSES[cfg.strategy]
+    module, cls = _PARALLEL.get(cfg.parallelism) or _CLASSES[cfg.strategy]
     return getattr(importlib.import_module(module), cls)(cfg, device=device, group=group)

@@ -58,6 +58,13 @@ class Strategy:
     """True when ranks hold different parameters between sync points: their replicas are checkpointed."""
     runs_rounds: ClassVar[bool] = False
     """True when the strategy trains whole rounds itself (``run_round``) instead of one loader step at a time."""
+    shards_model: ClassVar[bool] = False
+    """True when no rank holds the whole model (FSDP, pipeline): the strategy saves and loads model and
+    optimizer state itself (``save_model_state``), and writes the final weights (``export_weights``)."""
+    owns_forward_backward: ClassVar[bool] = False
+    """True when the strategy runs forward, loss and backward itself (``forward_backward``: pipeline schedules)."""
+    example_batch: Callable[[int], dict[str, torch.Tensor]] | None = None
+    """Set by the loop before ``wrap``: n rows of training features (strategies that trace the model need one)."""
 
     def __init__(self, cfg: TrainConfig, *, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
         self.cfg = cfg
@@ -74,6 +81,10 @@ class Strategy:
     def data_parallel(self) -> tuple[int, int]:
         """(rank, world) the training loader shards by."""
         return self.rank, self.world
+
+    def create_model(self, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """Build the model on this rank (sharded strategies may build it on the meta device)."""
+        return factory().to(self.device)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Return the module the loop calls forward on; ``model`` stays the bare module."""
@@ -117,6 +128,12 @@ class Strategy:
         """How the non-finite guard's per-step flags are combined (all ranks stop at the same step)."""
         return self.reduce(tensor)
 
+    def forward_backward(self, batch: dict[str, torch.Tensor], *, label: str, loss_fn: Callable, precision: Any,
+                         scale: float) -> torch.Tensor | None:
+        """``owns_forward_backward`` strategies: forward, loss (times ``scale``) and backward of one batch;
+        returns the scaled loss on ranks that compute one, None elsewhere."""
+        raise NotImplementedError
+
     def run_round(self, step: int, *, forward_loss: Callable, guard: Any, precision: Any) -> tuple[float, int, int]:
         """``runs_rounds`` strategies: train round ``step``; return (loss sum over ranks, ranks, samples here)."""
         raise NotImplementedError
@@ -145,6 +162,19 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def save_model_state(self, uri: str, opt: torch.optim.Optimizer) -> None:
+        """``shards_model`` strategies: every rank writes its part of the model and optimizer state
+        into folder ``uri`` (next to the loop's checkpoint file)."""
+        raise NotImplementedError
+
+    def load_model_state(self, uri: str, opt: torch.optim.Optimizer) -> None:
+        raise NotImplementedError
+
+    def export_weights(self, uri: str) -> None:
+        """``shards_model`` strategies: write the full weights as one safetensors file ``uri``, from
+        the ranks straight to the lakehouse (never through the driver). Every rank calls it."""
+        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """The strategy and its parameters, for lineage and for checking a resume."""
