@@ -283,12 +283,20 @@ def test_custom_loss_from_a_local_module_reaches_the_executors(spark, lake, tmp_
     try:
         # Barrier mode: the module is a local file, shipped with addPyFile without being asked.
         result = fit(_cfg(lake, "reg", task="regression", loss="sparkdl_test_losses:tripled_mse", epochs=1,
-                          local_mode=False, weight_column="w"), spark=spark, progress=False)
+                          local_mode=False, weight_column="w", model_name="regw"), spark=spark, progress=False)
     finally:
         sys.path.remove(str(module_dir))
     m = result.metrics
     # The validation loss is the custom one (weighted by w); the weighted mse comes from the task's sums.
     assert m["val_loss"] == pytest.approx(3 * m["val_rmse"] ** 2, rel=1e-5)
+    # Weighted metrics: the published model's in-process errors, weighted by w, give the same RMSE.
+    from sparkdl.lakehouse import Lakehouse, read_table
+
+    valid = read_table(spark, Lakehouse(lake).table("reg_valid")).select("id", "w", "y").toPandas()
+    pred = _in_process(lake, "regw", "reg_valid", valid["id"].tolist())["prediction"]
+    err2 = (pred - valid["y"].to_numpy()) ** 2
+    weighted, plain = np.sqrt(np.average(err2, weights=valid["w"])), np.sqrt(err2.mean())
+    assert m["val_rmse"] == pytest.approx(weighted, rel=1e-4) and abs(weighted - plain) > 1e-3
 
 
 def test_unimportable_model_module_fails_before_launch_naming_the_fix(spark, lake):
