@@ -420,3 +420,17 @@ def test_channels_first_palette_images_are_scored_exactly_as_trained(spark, tmp_
     order = np.argsort(batch["id"].numpy())
     np.testing.assert_allclose(np.stack(got["probabilities"]), prob.numpy()[order], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got["prediction"], prob.argmax(-1).numpy()[order])
+
+
+def test_train_job_takes_the_objective_flags_and_reports_bad_labels_in_one_line(lake, bad_lake, capsys):
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "train.py"))["main"]
+    common = ["--model", "tabular_mlp", "--local-mode", "--num-ranks", "1", "--max-steps", "2", "--batch-size", "64"]
+    assert main(["--lakehouse", lake, "--train-table", "reg_train", "--valid-table", "reg_valid",
+                 "--task", "regression", "--loss", "huber", "--weight-column", "w", *common]) == 0
+    out = capsys.readouterr().out
+    assert '"val_rmse"' in out and '"val_r2"' in out
+    assert main(["--lakehouse", bad_lake, "--train-table", "class_bad", *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("sparkdl train failed: label column 'label' of ") and "e.g. 3, 4" in err[0]
