@@ -224,8 +224,7 @@ class _RankRun:
             sync = micro % accum == 0
             with nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    out = self.ddp(batch)
-                    loss = self.task.loss(out, batch[self.label], batch.get(self.setup.weight_column)) / accum
+                    loss = self.task.loss(self.ddp(batch), batch[self.label], batch.get(self.setup.weight_column)) / accum
                 if self._fault("nan"):
                     loss = loss * float("nan")
                 loss_stat += _finite_stat(loss.detach())
