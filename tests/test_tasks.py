@@ -283,12 +283,20 @@ def test_custom_loss_from_a_local_module_reaches_the_executors(spark, lake, tmp_
     try:
         # Barrier mode: the module is a local file, shipped with addPyFile without being asked.
         result = fit(_cfg(lake, "reg", task="regression", loss="sparkdl_test_losses:tripled_mse", epochs=1,
-                          local_mode=False, weight_column="w"), spark=spark, progress=False)
+                          local_mode=False, weight_column="w", model_name="regw"), spark=spark, progress=False)
     finally:
         sys.path.remove(str(module_dir))
     m = result.metrics
     # The validation loss is the custom one (weighted by w); the weighted mse comes from the task's sums.
     assert m["val_loss"] == pytest.approx(3 * m["val_rmse"] ** 2, rel=1e-5)
+    # Weighted metrics: the published model's in-process errors, weighted by w, give the same RMSE.
+    from sparkdl.lakehouse import Lakehouse, read_table
+
+    valid = read_table(spark, Lakehouse(lake).table("reg_valid")).select("id", "w", "y").toPandas()
+    pred = _in_process(lake, "regw", "reg_valid", valid["id"].tolist())["prediction"]
+    err2 = (pred - valid["y"].to_numpy()) ** 2
+    weighted, plain = np.sqrt(np.average(err2, weights=valid["w"])), np.sqrt(err2.mean())
+    assert m["val_rmse"] == pytest.approx(weighted, rel=1e-4) and abs(weighted - plain) > 1e-3
 
 
 def test_unimportable_model_module_fails_before_launch_naming_the_fix(spark, lake):
@@ -412,3 +420,17 @@ def test_channels_first_palette_images_are_scored_exactly_as_trained(spark, tmp_
     order = np.argsort(batch["id"].numpy())
     np.testing.assert_allclose(np.stack(got["probabilities"]), prob.numpy()[order], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got["prediction"], prob.argmax(-1).numpy()[order])
+
+
+def test_train_job_takes_the_objective_flags_and_reports_bad_labels_in_one_line(lake, bad_lake, capsys):
+    import runpy
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "train.py"))["main"]
+    common = ["--model", "tabular_mlp", "--local-mode", "--num-ranks", "1", "--max-steps", "2", "--batch-size", "64"]
+    assert main(["--lakehouse", lake, "--train-table", "reg_train", "--valid-table", "reg_valid",
+                 "--task", "regression", "--loss", "huber", "--weight-column", "w", *common]) == 0
+    out = capsys.readouterr().out
+    assert '"val_rmse"' in out and '"val_r2"' in out
+    assert main(["--lakehouse", bad_lake, "--train-table", "class_bad", *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("sparkdl train failed: label column 'label' of ") and "e.g. 3, 4" in err[0]
