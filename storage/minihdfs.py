@@ -53,8 +53,10 @@ def _site(props: dict[str, str]) -> str:
 class MiniHdfs:
     """NameNode + DataNode under ``workdir`` (conf/, data/, logs, state.json)."""
 
-    def __init__(self, workdir: str | os.PathLike, *, port: int | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike, *, port: int | None = None,
+                 conf: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir).resolve()
+        self._extra = dict(conf or {})  # hdfs-site.xml settings on top of the defaults below
         self.port = port or _free_port()
         self.uri = f"hdfs://127.0.0.1:{self.port}"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -89,6 +91,7 @@ class MiniHdfs:
             # One DataNode: a pipeline with a failed node cannot be repaired by replacing it.
             "dfs.client.block.write.replace-datanode-on-failure.enable": "false",
             "dfs.heartbeat.interval": "1",
+            **self._extra,
         }))
         (conf / "log4j.properties").write_text(_LOG4J)
         return conf
