@@ -178,9 +178,9 @@ def test_resume_continues_with_exactly_the_unseen_rows(table, world, batch_size,
 def test_reservoir_permutation_is_a_permutation_that_mixes_within_its_capacity(sizes, capacity, seed):
     perm = reservoir_permutation(sizes, capacity, np.random.default_rng(seed))
     assert sorted(perm.tolist()) == list(range(sum(sizes)))
-    # Rows enter in slices of capacity // 8 and nothing leaves while the queue has room, so
+    # Rows enter in slices of capacity // 4 and nothing leaves while the queue has room, so
     # row r cannot be emitted before position r - capacity - slice.
-    unit = max(1, capacity // 8)
+    unit = max(1, capacity // 4)
     assert all(p >= r - capacity - unit for p, r in enumerate(perm.tolist()))
 
 

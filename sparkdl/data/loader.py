@@ -503,14 +503,13 @@ class TableLoader:
                     offsets = np.arange(starts[s], starts[s + 1], dtype=np.int64)
                     keep = due[offsets]
                     cache[s] = (table.filter(pa.array(keep)) if not keep.all() else table, offsets[keep])
-            parts, index, base = [], np.empty(len(wanted), dtype=np.int64), 0
-            for s in involved.tolist():
-                table, offsets = cache[s]
-                mask = seg_of == s
-                index[mask] = base + np.searchsorted(offsets, wanted[mask])
-                parts.append(table)
-                base += table.num_rows
-            gathered = (parts[0] if len(parts) == 1 else pa.concat_tables(parts)).take(pa.array(index))
+            # The kept block rows of the involved segments, in segment order, are sorted (segments
+            # hold increasing block rows), so one searchsorted finds every wanted row.
+            parts = [cache[s] for s in involved.tolist()]
+            kept = parts[0][1] if len(parts) == 1 else np.concatenate([o for _, o in parts])
+            index = np.searchsorted(kept, wanted)
+            tables = [t for t, _ in parts]
+            gathered = (tables[0] if len(tables) == 1 else pa.concat_tables(tables)).take(pa.array(index))
             due[wanted] = False
             for s in involved.tolist():
                 table, offsets = cache[s]

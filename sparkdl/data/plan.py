@@ -192,13 +192,13 @@ class EpochOrder:
 def reservoir_permutation(segment_rows: Sequence[int], capacity: int, rng: np.random.Generator) -> np.ndarray:
     """The order in which a shuffling queue of ``capacity`` rows emits a block's rows.
 
-    The block's row groups (segments) are pushed in order, in slices of at most capacity / 8
+    The block's row groups (segments) are pushed in order, in slices of at most capacity / 4
     rows; whenever the queue holds more than ``capacity`` rows, the excess leaves it, drawn
     uniformly from everything it holds; the rest leaves in a random order at the end. So a batch
     mixes the rows of every row group still in the queue, as Petastorm's shuffling queue does,
     while the queue, and the reader, hold about ``capacity`` rows: deterministic, so every rank
     computes the same order from the row counts alone."""
-    unit = max(1, capacity // 8)
+    unit = max(1, capacity // 4)
     out: list[np.ndarray] = []
     queue = np.empty(0, dtype=np.int64)
     pos = 0
