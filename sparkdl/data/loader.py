@@ -258,7 +258,8 @@ class TableLoader:
         queue = self.config.shuffle_queue_rows if self.config.shuffle else None
         self.memory_bound: MemoryBound = memory_bound(
             self._sizes, block_rows=block_rows if queue is None else min(block_rows, _QUEUE_WINDOW_ROWS),
-            batch_size=self.config.batch_size, views=not self._copy, queue_rows=queue, **bound_args
+            batch_size=self.config.batch_size, views=not self._copy, queue_rows=queue,
+            order_rows=min(block_rows, self.num_rows), **bound_args
         )
         """What the loader's buffers may hold at once (bytes), besides the consumer's batch."""
         self.epoch = 0
@@ -488,13 +489,14 @@ class TableLoader:
         segs = order.block_segments(visit.block)
         starts = np.zeros(len(segs) + 1, dtype=np.int64)
         np.cumsum([s.num_rows for s in segs], out=starts[1:])
-        positions = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in visit.ranges])
         due = np.zeros(len(perm), dtype=bool)  # block rows this visit still hands out
-        due[perm[positions]] = True
+        for a, b in visit.ranges:
+            due[perm[a:b]] = True
         cache: dict[int, tuple[pa.Table, np.ndarray]] = {}  # segment -> (rows still due, their block rows)
         window = max(_QUEUE_WINDOW_ROWS, self.config.batch_size)
-        for w0 in range(0, len(positions), window):
-            wanted = perm[positions[w0:w0 + window]]  # block rows, in stream order
+        windows = [(lo, min(lo + window, b)) for a, b in visit.ranges for lo in range(a, b, window)]
+        for w_lo, w_hi in windows:
+            wanted = perm[w_lo:w_hi].astype(np.int64)  # block rows, in stream order
             seg_of = np.searchsorted(starts, wanted, side="right") - 1
             involved = np.unique(seg_of)
             for s in involved.tolist():

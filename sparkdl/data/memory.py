@@ -197,6 +197,7 @@ def memory_bound(
     views: bool = False,
     held_blocks: int | None = None,
     queue_rows: int | None = None,
+    order_rows: int = 0,
 ) -> MemoryBound:
     """The bytes the loader's buffers may hold at once with these settings; ``views``: batches
     are views of their block, so the waiting batches keep earlier blocks alive."""
@@ -215,8 +216,12 @@ def memory_bound(
     }
     if queue_rows is not None:
         # A shuffling-queue reader keeps the rows still in the queue, compacted only when half
-        # of a row group's kept rows are gone, plus the row group it just read.
+        # of a row group's kept rows are gone, plus the row group it just read; and the block's
+        # order (int32 per row, twice while it is built) and which of its rows are still due.
         terms["shuffling queue"] = (2 * queue_rows + G) * sizes.arrow
+        terms["block order"] = (2 * 4 + 1) * order_rows
+    else:
+        terms["block order"] = 2 * 8 * S  # the permutation and the rows gathered
     if views:
         # The waiting batches and the consumer's batch span at most this many earlier blocks;
         # a view keeps its block's tensors alive (unshuffled: the row group's Arrow buffers).

@@ -199,13 +199,15 @@ def reservoir_permutation(segment_rows: Sequence[int], capacity: int, rng: np.ra
     while the queue, and the reader, hold about ``capacity`` rows: deterministic, so every rank
     computes the same order from the row counts alone."""
     unit = max(1, capacity // 4)
+    # int32 while it fits: the order of a big block is the largest array the loader keeps.
+    dtype = np.int32 if sum(segment_rows) < 2**31 else np.int64
     out: list[np.ndarray] = []
-    queue = np.empty(0, dtype=np.int64)
+    queue = np.empty(0, dtype=dtype)
     pos = 0
     for n in segment_rows:
         for lo in range(0, n, unit):
             m = min(unit, n - lo)
-            queue = np.concatenate([queue, np.arange(pos, pos + m, dtype=np.int64)])
+            queue = np.concatenate([queue, np.arange(pos, pos + m, dtype=dtype)])
             pos += m
             extra = len(queue) - capacity
             if extra > 0:
