@@ -149,7 +149,8 @@ def _child(args: argparse.Namespace) -> None:
             extra = {"shuffle_buffer_rows": args.wide_rows}
         elif mode == "shuffle-queue":
             extra = {"shuffle_buffer_rows": args.queue_block_rows, "shuffle_queue_rows": PETASTORM_QUEUE}
-        cfg = LoaderConfig(batch_size=bs, shuffle=mode != "noshuffle", verify_checksums=mode != "shuffle-nocrc", **extra)
+        cfg = LoaderConfig(batch_size=bs, shuffle=mode != "noshuffle", verify_checksums=mode != "shuffle-nocrc",
+                           **extra)
         loader = TableLoader(files, config=cfg)
         out.update(bound=loader.memory_bound.total, bound_text=str(loader.memory_bound), block_rows=loader.block_rows,
                    one_batch=int(bs * loader._sizes.batch))
@@ -241,8 +242,8 @@ def _run_child(files_json: str, mode: str, bs: int, epochs: int, args: argparse.
                mix: bool = False) -> dict[str, Any]:
     python = args.petastorm_python if mode in PETASTORM_MODES else sys.executable
     cmd = [python, os.path.abspath(__file__), "--child", mode, "--files", files_json, "--batch-size", str(bs),
-           "--epochs", str(epochs), "--wide-rows", str(args.wide_rows), "--queue-block-rows", str(args.queue_block_rows),
-           "--id-column", id_column]
+           "--epochs", str(epochs), "--wide-rows", str(args.wide_rows), "--queue-block-rows",
+           str(args.queue_block_rows), "--id-column", id_column]
     if mix:
         cmd.append("--mix")
     root = str(Path(__file__).resolve().parents[1])
@@ -311,7 +312,8 @@ def bench_table(label: str, files: list[str], id_column: str, args: argparse.Nam
             if not r.get("rows"):
                 print(f"  {mode:18} no batches came out ({r})")
                 continue
-            print(f"  {mode:18} row groups per batch {r['groups_per_batch']:6.2f}   median span {r['span_median']:6.1%}")
+            print(f"  {mode:18} row groups per batch {r['groups_per_batch']:6.2f}   "
+                  f"median span {r['span_median']:6.1%}")
             results.append({"table": label, "mix": mode, **r})
     return results
 

@@ -174,7 +174,8 @@ def test_resume_continues_with_exactly_the_unseen_rows(table, world, batch_size,
 
 
 @settings(max_examples=100, deadline=None)
-@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=12), capacity=st.integers(1, 80), seed=st.integers(0, 99))
+@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=12), capacity=st.integers(1, 80),
+       seed=st.integers(0, 99))
 def test_reservoir_permutation_is_a_permutation_that_mixes_within_its_capacity(sizes, capacity, seed):
     perm = reservoir_permutation(sizes, capacity, np.random.default_rng(seed))
     assert sorted(perm.tolist()) == list(range(sum(sizes)))

@@ -469,7 +469,9 @@ class TableLoader:
             for k, v in batch.items()
         }
 
-    def _chunks(self, order: EpochOrder, visits: list[Visit]) -> Iterator[tuple[dict[str, Any], Callable[[int], str], int]]:
+    def _chunks(
+        self, order: EpochOrder, visits: list[Visit]
+    ) -> Iterator[tuple[dict[str, Any], Callable[[int], str], int]]:
         """The rank's rows, decoded, in stream order, as (rows, where, row count) chunks: one per
         block visit, or (shuffling queue) a few per visit."""
         for visit in visits:

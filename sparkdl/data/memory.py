@@ -17,7 +17,8 @@ Without ``max_memory_bytes``, batches are views of their block (no copy per batc
 waiting batches keep up to ``min(P + 1, ceil((P + 1) * B / S) + 1)`` earlier blocks alive
 (``P`` = ``prefetch_batches``), a term of the bound; under ``max_memory_bytes`` batches are
 copied out of the block and own their memory, so a waiting batch does not keep its block
-alive. The consumer's own batch is not part of the bound. Per-row sizes are exact for numeric, bool, temporal and array columns and for
+alive. The consumer's own batch is not part of the bound. Per-row sizes are exact for
+numeric, bool, temporal and array columns and for
 images of a declared shape; string/binary sizes and undeclared image shapes are estimated
 from the Parquet footers (``MemoryBound.estimated``).
 """
