@@ -10,7 +10,9 @@ Side by side, in one run, on the same Parquet files (issue 12):
   demand with the recipe of issue 12; never a dependency of the package);
 * ``noshuffle`` / ``shuffle``: ``TableLoader`` (world size 1) with shuffling off and on (default
   shuffle buffer); ``shuffle-nocrc``: shuffled without page-checksum verification (the check's
-  cost); ``shuffle-wide``: shuffled with ``--wide-rows`` rows per shuffle block (the mixing knob).
+  cost); ``shuffle-wide``: shuffled with ``--wide-rows`` rows per shuffle block (the mixing knob);
+  ``shuffle-queue``: blocks of ``--queue-block-rows`` ordered by a 100,000-row deterministic
+  shuffling queue (``shuffle_queue_rows``, Petastorm's queue size).
 
 The consumer only counts rows. Every pass runs in a fresh process; the passes are interleaved
 round by round, so machine load hits every mode alike; the report gives the median rows/s, the
@@ -43,10 +45,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SPARKDL_MODES = ("noshuffle", "shuffle", "shuffle-nocrc", "shuffle-wide")
+SPARKDL_MODES = ("noshuffle", "shuffle", "shuffle-nocrc", "shuffle-wide", "shuffle-queue")
 PETASTORM_MODES = ("petastorm", "petastorm-shuffle")
 MODES = ("limit", *PETASTORM_MODES, *SPARKDL_MODES)
-MIX_MODES = ("shuffle", "shuffle-wide", "petastorm-shuffle")
+MIX_MODES = ("shuffle", "shuffle-wide", "shuffle-queue", "petastorm-shuffle")
 PETASTORM_QUEUE = 100_000
 _PETASTORM_PACKAGES = ["pyspark==4.3.0", "petastorm", "pyarrow==14.0.2", "pandas<3", "numpy<2", "sympy", "networkx",
                        "jinja2", "filelock", "typing-extensions"]
@@ -142,8 +144,13 @@ def _child(args: argparse.Namespace) -> None:
     else:
         from sparkdl.data import LoaderConfig, TableLoader
 
+        extra: dict[str, Any] = {}
+        if mode == "shuffle-wide":
+            extra = {"shuffle_buffer_rows": args.wide_rows}
+        elif mode == "shuffle-queue":
+            extra = {"shuffle_buffer_rows": args.queue_block_rows, "shuffle_queue_rows": PETASTORM_QUEUE}
         cfg = LoaderConfig(batch_size=bs, shuffle=mode != "noshuffle", verify_checksums=mode != "shuffle-nocrc",
-                           **({"shuffle_buffer_rows": args.wide_rows} if mode == "shuffle-wide" else {}))
+                           **extra)
         loader = TableLoader(files, config=cfg)
         out.update(bound=loader.memory_bound.total, bound_text=str(loader.memory_bound), block_rows=loader.block_rows,
                    one_batch=int(bs * loader._sizes.batch))
@@ -235,7 +242,8 @@ def _run_child(files_json: str, mode: str, bs: int, epochs: int, args: argparse.
                mix: bool = False) -> dict[str, Any]:
     python = args.petastorm_python if mode in PETASTORM_MODES else sys.executable
     cmd = [python, os.path.abspath(__file__), "--child", mode, "--files", files_json, "--batch-size", str(bs),
-           "--epochs", str(epochs), "--wide-rows", str(args.wide_rows), "--id-column", id_column]
+           "--epochs", str(epochs), "--wide-rows", str(args.wide_rows), "--queue-block-rows",
+           str(args.queue_block_rows), "--id-column", id_column]
     if mix:
         cmd.append("--mix")
     root = str(Path(__file__).resolve().parents[1])
@@ -301,7 +309,11 @@ def bench_table(label: str, files: list[str], id_column: str, args: argparse.Nam
         print(f"shuffle quality at batch_size={args.mix_batch_size} (one epoch; row groups of the table: {groups})")
         for mode in [m for m in MIX_MODES if m in modes]:
             r = _run_child(files_json, mode, args.mix_batch_size, 1, args, id_column, mix=True)
-            print(f"  {mode:18} row groups per batch {r['groups_per_batch']:6.2f}   median span {r['span_median']:6.1%}")
+            if not r.get("rows"):
+                print(f"  {mode:18} no batches came out ({r})")
+                continue
+            print(f"  {mode:18} row groups per batch {r['groups_per_batch']:6.2f}   "
+                  f"median span {r['span_median']:6.1%}")
             results.append({"table": label, "mix": mode, **r})
     return results
 
@@ -313,6 +325,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode")
     ap.add_argument("--min-rows", type=int, default=2_000_000, help="read smaller tables several times per pass")
     ap.add_argument("--wide-rows", type=int, default=524_288, help="shuffle_buffer_rows of the shuffle-wide mode")
+    ap.add_argument("--queue-block-rows", type=int, default=4_194_304,
+                    help="shuffle_buffer_rows of the shuffle-queue mode (its queue holds 100,000 rows)")
     ap.add_argument("--mix-batch-size", type=int, default=1024, help="batch size of the shuffle-quality pass (0: none)")
     ap.add_argument("--flights-table", default=None, help="also measure this Delta table (skipped if absent)")
     ap.add_argument("--flights-id", default="flight_id", help="the flights table's row id column")

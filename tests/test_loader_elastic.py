@@ -77,15 +77,16 @@ RESIZES = [(2, 3), (2, 1), (3, 2), (1, 4)]
     buffer_rows=st.integers(1, 90),
     stop_fraction=st.floats(0, 1),
     shuffle=st.booleans(),
+    queue=st.sampled_from([None, None, 6, 40]),
     drop_last=st.booleans(),
     epoch=st.integers(0, 4),
 )
 def test_resize_hands_out_every_remaining_row_once_with_equal_batches(
-    table, resize, batch_size, buffer_rows, stop_fraction, shuffle, drop_last, epoch
+    table, resize, batch_size, buffer_rows, stop_fraction, shuffle, queue, drop_last, epoch
 ):
     old, new = resize
     config = LoaderConfig(batch_size=batch_size, shuffle_buffer_rows=buffer_rows, shuffle=shuffle,
-                          drop_last=drop_last, seed=7)
+                          shuffle_queue_rows=queue, drop_last=drop_last, seed=7)
     with TableLoader(table, rank=0, world_size=old, config=config) as probe:
         per_epoch = len(probe)
     stop = int(stop_fraction * per_epoch)
@@ -143,9 +144,9 @@ def test_resize_twice_in_one_epoch_and_then_the_next_epoch(table):
         assert loader.epoch_batches == len(loader) and sum(len(b["id"]) for b in loader) == N_ROWS
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_same_size_resume_is_bit_identical(table, shuffle):
-    config = LoaderConfig(batch_size=7, shuffle_buffer_rows=50, shuffle=shuffle, seed=9)
+@pytest.mark.parametrize("shuffle,queue", [(True, None), (False, None), (True, 20)])
+def test_same_size_resume_is_bit_identical(table, shuffle, queue):
+    config = LoaderConfig(batch_size=7, shuffle_buffer_rows=50, shuffle=shuffle, shuffle_queue_rows=queue, seed=9)
     full, _ = _run(table, 3, config, 4, None)
     _, states = _run(table, 3, config, 4, 5)
     rest, _ = _run(table, 3, config, 4, None, state=states[0])

@@ -20,6 +20,7 @@ from sparkdl.data.plan import (
     interval_rows,
     merge_intervals,
     rank_intervals,
+    reservoir_permutation,
     rows_per_rank,
     slice_intervals,
 )
@@ -170,3 +171,37 @@ def test_resume_continues_with_exactly_the_unseen_rows(table, world, batch_size,
         resumed.load_state_dict(state)
         resumed.set_epoch(state["epoch"])
         assert [b["id"].tolist() for b in resumed] == full[stop:]
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=12), capacity=st.integers(1, 80),
+       seed=st.integers(0, 99))
+def test_reservoir_permutation_is_a_permutation_that_mixes_within_its_capacity(sizes, capacity, seed):
+    perm = reservoir_permutation(sizes, capacity, np.random.default_rng(seed))
+    assert sorted(perm.tolist()) == list(range(sum(sizes)))
+    # Rows enter in slices of capacity // 4 and nothing leaves while the queue has room, so
+    # row r cannot be emitted before position r - capacity - slice.
+    unit = max(1, capacity // 4)
+    assert all(p >= r - capacity - unit for p, r in enumerate(perm.tolist()))
+
+
+@pytest.mark.parametrize("queue", [None, 9])
+@pytest.mark.parametrize("world", [1, 3])
+def test_loader_yields_the_planned_order(table, queue, world):
+    """What the ranks yield, joined in rank order, is the epoch order the plan defines."""
+    config = LoaderConfig(batch_size=4, shuffle_buffer_rows=50, shuffle_queue_rows=queue, drop_last=False,
+                          remainder="pad", seed=3)
+    got = []
+    for rank in range(world):
+        with TableLoader(table, rank=rank, world_size=world, config=config) as loader:
+            loader.set_epoch(2)
+            got += [i for b in loader for i in b["id"].tolist()]
+            reader = loader._reader
+            ids = [reader.read_piece(p)["id"].to_numpy() for p in range(len(reader._pieces))]
+            counts = [len(x) for x in ids]
+    order = EpochOrder(counts, block_rows=50, shuffle=True, seed=3, epoch=2, queue_rows=queue)
+    want = []
+    for k in range(order.num_blocks):
+        rows = [int(ids[s.piece][r]) for s in order.block_segments(k) for r in range(s.start, s.stop)]
+        want += [rows[i] for i in order.block_permutation(k)]
+    assert got[:N_ROWS] == want

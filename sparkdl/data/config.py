@@ -40,6 +40,13 @@ class LoaderConfig:
     """Rows of a canonical shuffle block: consecutive rows of the epoch's row-group stream read and
     shuffled together. Bigger mixes better (a batch draws from more row groups) and costs memory;
     it is also the unit a resume skips without reading. Part of the order: a resume needs the same."""
+    shuffle_queue_rows: int | None = None
+    """None: each shuffle block is read whole and its rows permuted uniformly (memory grows with
+    shuffle_buffer_rows). A row count C: each block's rows are ordered by a deterministic
+    shuffling queue of C rows (as Petastorm's shuffling queue, but resumable and the same on any
+    world size), and the reader holds only the rows still in the queue: set shuffle_buffer_rows
+    large (e.g. 4,194,304) so a batch mixes rows from across that many rows' row groups, in memory
+    for about C rows plus a row group. Part of the order: a resume needs the same."""
     drop_last: bool = True
     """Drop each rank's final partial batch; False yields it (it has the same size on every rank)."""
     remainder: str = "drop"
@@ -87,6 +94,17 @@ class LoaderConfig:
             raise ValueError(
                 f"LoaderConfig.remainder={self.remainder!r} must be one of {list(REMAINDER_POLICIES)}, "
                 "e.g. remainder='drop'"
+            )
+        q = self.shuffle_queue_rows
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+            raise ValueError(
+                f"LoaderConfig.shuffle_queue_rows={q!r} must be a positive integer, e.g. shuffle_queue_rows=131072, "
+                "or None to permute whole shuffle blocks"
+            )
+        if q is not None and self.max_memory_bytes is not None:
+            raise ValueError(
+                "LoaderConfig.shuffle_queue_rows and max_memory_bytes cannot be combined yet: bound the memory "
+                "with shuffle_queue_rows itself, or set shuffle_queue_rows=None"
             )
         for name in ("max_bytes_in_flight", "max_memory_bytes"):
             value = getattr(self, name)

@@ -52,11 +52,13 @@ __all__ = ["TableLoader"]
 Batch = dict[str, Any]
 # Keys of state_dict() that must match on load_state_dict() for "resume at the next row" to hold.
 # (The world size, rank, batch size, drop_last and remainder may differ: see load_state_dict.)
-_STATE_MUST_MATCH = ("source", "filter", "seed", "version", "num_rows", "shuffle", "block_rows")
+_STATE_MUST_MATCH = ("source", "filter", "seed", "version", "num_rows", "shuffle", "block_rows", "shuffle_queue_rows")
 _STOPPED_MESSAGE = (
     "this iteration was stopped: the loader was closed, or set_epoch(), load_state_dict() or a new "
     "iteration started while it ran"
 )
+# Rows the shuffling-queue reader gathers at a time.
+_QUEUE_WINDOW_ROWS = 16_384
 # Blocks the fast path lets wait, cut into batches by the consumer.
 _LAZY_BLOCKS = 2
 # Batches the consumer cuts from a block at once (one split per column for all of them).
@@ -253,8 +255,11 @@ class TableLoader:
         self.block_rows = block_rows
         """Rows of a canonical shuffle block: LoaderConfig.shuffle_buffer_rows, or under
         max_memory_bytes the largest whole number of batches up to it that fits the budget."""
+        queue = self.config.shuffle_queue_rows if self.config.shuffle else None
         self.memory_bound: MemoryBound = memory_bound(
-            self._sizes, block_rows=block_rows, batch_size=self.config.batch_size, views=not self._copy, **bound_args
+            self._sizes, block_rows=block_rows if queue is None else min(block_rows, _QUEUE_WINDOW_ROWS),
+            batch_size=self.config.batch_size, views=not self._copy, queue_rows=queue,
+            order_rows=min(block_rows, self.num_rows), **bound_args
         )
         """What the loader's buffers may hold at once (bytes), besides the consumer's batch."""
         self.epoch = 0
@@ -343,6 +348,7 @@ class TableLoader:
             "batch_size": cfg.batch_size,
             "shuffle": cfg.shuffle,
             "shuffle_buffer_rows": cfg.shuffle_buffer_rows,
+            "shuffle_queue_rows": cfg.shuffle_queue_rows,
             "block_rows": self.block_rows,
             "drop_last": cfg.drop_last,
             "remainder": cfg.remainder,
@@ -427,7 +433,7 @@ class TableLoader:
             per_rank, batches, mine = self._leg_plan(leg, self.rank)
             if start < batches:
                 order = EpochOrder(self._counts, block_rows=self.block_rows, shuffle=self.config.shuffle,
-                                   seed=self.config.seed, epoch=epoch)
+                                   seed=self.config.seed, epoch=epoch, queue_rows=self.config.shuffle_queue_rows)
                 rows_out = min(per_rank, batches * leg.batch_size)  # drop_last cuts the tail
                 stream = slice_intervals(mine, start * leg.batch_size, rows_out)
                 prefetcher = Prefetcher(
@@ -462,6 +468,66 @@ class TableLoader:
             k: v.to(self._device, non_blocking=self._pin) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
         }
+
+    def _chunks(
+        self, order: EpochOrder, visits: list[Visit]
+    ) -> Iterator[tuple[dict[str, Any], Callable[[int], str], int]]:
+        """The rank's rows, decoded, in stream order, as (rows, where, row count) chunks: one per
+        block visit, or (shuffling queue) a few per visit."""
+        for visit in visits:
+            if order.shuffle and order.queue_rows is not None:
+                yield from self._queue_windows(order, visit)
+            else:
+                rows, where = self._read_visit(order, visit)
+                yield rows, where, visit.num_rows
+
+    def _queue_windows(
+        self, order: EpochOrder, visit: Visit
+    ) -> Iterator[tuple[dict[str, Any], Callable[[int], str], int]]:
+        """A visit to a block ordered by the shuffling queue, read as the queue would: each row
+        group when its first row is due, kept (compacted to the rows still due) while any is."""
+        reader = self._reader
+        perm = order.block_permutation(visit.block)
+        segs = order.block_segments(visit.block)
+        starts = np.zeros(len(segs) + 1, dtype=np.int64)
+        np.cumsum([s.num_rows for s in segs], out=starts[1:])
+        due = np.zeros(len(perm), dtype=bool)  # block rows this visit still hands out
+        for a, b in visit.ranges:
+            due[perm[a:b]] = True
+        cache: dict[int, tuple[pa.Table, np.ndarray]] = {}  # segment -> (rows still due, their block rows)
+        window = max(_QUEUE_WINDOW_ROWS, self.config.batch_size)
+        windows = [(lo, min(lo + window, b)) for a, b in visit.ranges for lo in range(a, b, window)]
+        for w_lo, w_hi in windows:
+            wanted = perm[w_lo:w_hi].astype(np.int64)  # block rows, in stream order
+            seg_of = np.searchsorted(starts, wanted, side="right") - 1
+            involved = np.unique(seg_of)
+            for s in involved.tolist():
+                if s not in cache:
+                    table = reader.read([segs[s]])
+                    offsets = np.arange(starts[s], starts[s + 1], dtype=np.int64)
+                    keep = due[offsets]
+                    cache[s] = (table.filter(pa.array(keep)) if not keep.all() else table, offsets[keep])
+            # The kept block rows of the involved segments, in segment order, are sorted (segments
+            # hold increasing block rows), so one searchsorted finds every wanted row.
+            parts = [cache[s] for s in involved.tolist()]
+            kept = parts[0][1] if len(parts) == 1 else np.concatenate([o for _, o in parts])
+            index = np.searchsorted(kept, wanted)
+            tables = [t for t, _ in parts]
+            gathered = (tables[0] if len(tables) == 1 else pa.concat_tables(tables)).take(pa.array(index))
+            due[wanted] = False
+            for s in involved.tolist():
+                table, offsets = cache[s]
+                still = due[offsets]
+                if not still.any():
+                    del cache[s]
+                elif 2 * int(still.sum()) < len(offsets):
+                    cache[s] = (table.filter(pa.array(still)), offsets[still])
+
+            def where(row: int, _wanted: np.ndarray = wanted) -> str:
+                return reader.locate(segs, int(_wanted[row]))
+
+            yield decode_block(gathered, self._decoders, where), where, len(wanted)
+        reader.clear()
 
     def _read_visit(self, order: EpochOrder, visit: Visit) -> tuple[dict[str, Any], Callable[[int], str]]:
         """The rows a rank takes from one canonical block, decoded, in its stream order: the block
@@ -520,14 +586,17 @@ class TableLoader:
                 nbytes = int(row_bytes * _batch_rows(batch))
             put([batch], nbytes)
 
+        chunks = self._chunks(order, visits)
         try:
-            pending = read_ahead.submit(self._read_visit, order, visits[0]) if visits else None
+            pending = read_ahead.submit(next, chunks, None)
             carry: list[Batch] = []
             carried = 0
-            for i, visit in enumerate(visits):
-                rows, where = pending.result()
-                pending = read_ahead.submit(self._read_visit, order, visits[i + 1]) if i + 1 < len(visits) else None
-                n = visit.num_rows
+            while True:
+                chunk = pending.result()
+                if chunk is None:
+                    break
+                pending = read_ahead.submit(next, chunks, None)
+                rows, where, n = chunk
                 off = 0
                 if carried:
                     # The batch that straddles the previous block and this one.

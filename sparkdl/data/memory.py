@@ -9,13 +9,16 @@ row group it reads, ``B`` = batch size):
   tensors (``S`` rows), plus one column's intermediate copy while it is converted;
 * the waiting batches: ``max_bytes_in_flight``, else ``prefetch_batches`` batches;
 * the batch the producer holds while it waits to hand it over (twice when pinning), and
-  the Arrow rows of an image/string batch being gathered.
+  the Arrow rows of an image/string batch being gathered;
+* with ``shuffle_queue_rows`` (Q), the rows still in the queue, at most ``2Q + G`` in Arrow
+  form; the "blocks" above are then the windows of rows gathered from it.
 
 Without ``max_memory_bytes``, batches are views of their block (no copy per batch), so the
 waiting batches keep up to ``min(P + 1, ceil((P + 1) * B / S) + 1)`` earlier blocks alive
 (``P`` = ``prefetch_batches``), a term of the bound; under ``max_memory_bytes`` batches are
 copied out of the block and own their memory, so a waiting batch does not keep its block
-alive. The consumer's own batch is not part of the bound. Per-row sizes are exact for numeric, bool, temporal and array columns and for
+alive. The consumer's own batch is not part of the bound. Per-row sizes are exact for
+numeric, bool, temporal and array columns and for
 images of a declared shape; string/binary sizes and undeclared image shapes are estimated
 from the Parquet footers (``MemoryBound.estimated``).
 """
@@ -194,6 +197,8 @@ def memory_bound(
     pin: bool,
     views: bool = False,
     held_blocks: int | None = None,
+    queue_rows: int | None = None,
+    order_rows: int = 0,
 ) -> MemoryBound:
     """The bytes the loader's buffers may hold at once with these settings; ``views``: batches
     are views of their block, so the waiting batches keep earlier blocks alive."""
@@ -210,6 +215,14 @@ def memory_bound(
         "waiting batches": waiting,
         "batch being handed over": one_batch * (2 if pin else 1) + B * sizes.arrow_objects,
     }
+    if queue_rows is not None:
+        # A shuffling-queue reader keeps the rows still in the queue, compacted only when half
+        # of a row group's kept rows are gone, plus the row group it just read; and the block's
+        # order (int32 per row, twice while it is built) and which of its rows are still due.
+        terms["shuffling queue"] = (2 * queue_rows + G) * sizes.arrow
+        terms["block order"] = (2 * 4 + 1) * order_rows
+    else:
+        terms["block order"] = 2 * 8 * S  # the permutation and the rows gathered
     if views:
         # The waiting batches and the consumer's batch span at most this many earlier blocks;
         # a view keeps its block's tensors alive (unshuffled: the row group's Arrow buffers).

@@ -11,6 +11,10 @@ and the rows of block k are permuted with ``RNG(seed, epoch, k)``. The result, t
 *order*, is a fixed sequence of the N rows for a given table version, seed, epoch and buffer;
 positions in it are what the plan talks about.
 
+With ``shuffle_queue_rows`` set, a block's rows are ordered instead by a deterministic shuffling
+queue of that many rows (:func:`reservoir_permutation`), so big blocks mix many row groups in
+little memory: a reader holds only the rows still in the queue, not the whole block.
+
 **Legs.** An epoch is read in one or more *legs*, each at one world size w and batch size B.
 A leg starts from a set of order positions already consumed (empty for a fresh epoch), takes
 the positions not yet consumed, in order (the *remaining stream*, T rows), and gives rank r the
@@ -40,6 +44,7 @@ __all__ = [
     "Interval",
     "EpochOrder",
     "Visit",
+    "reservoir_permutation",
     "rows_per_rank",
     "batches_per_epoch",
     "slice_segments",
@@ -114,9 +119,17 @@ class EpochOrder:
     cut into canonical blocks of ``block_rows`` rows whose rows are permuted."""
 
     def __init__(
-        self, counts: Sequence[int] | np.ndarray, *, block_rows: int, shuffle: bool, seed: int, epoch: int
+        self,
+        counts: Sequence[int] | np.ndarray,
+        *,
+        block_rows: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        queue_rows: int | None = None,
     ) -> None:
         counts = np.asarray(counts, dtype=np.int64)
+        self.queue_rows = queue_rows
         self.total = int(counts.sum())
         self.block_rows = int(block_rows)
         self.shuffle = shuffle
@@ -165,10 +178,44 @@ class EpochOrder:
         return self._stream(lo, self.total) + self._stream(0, hi - self.total)
 
     def block_permutation(self, k: int) -> np.ndarray | None:
-        """Row order inside block k (None without shuffling: the identity)."""
+        """Row order inside block k: ``perm[i]`` is the block row at position i (None without
+        shuffling: the identity)."""
         if not self.shuffle:
             return None
+        if self.queue_rows is not None:
+            sizes = [s.num_rows for s in self.block_segments(k)]
+            rng = np.random.default_rng([self.seed, self.epoch, k, 2])
+            return reservoir_permutation(sizes, self.queue_rows, rng)
         return np.random.default_rng([self.seed, self.epoch, k, 1]).permutation(self.block_size(k))
+
+
+def reservoir_permutation(segment_rows: Sequence[int], capacity: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a shuffling queue of ``capacity`` rows emits a block's rows.
+
+    The block's row groups (segments) are pushed in order, in slices of at most capacity / 4
+    rows; whenever the queue holds more than ``capacity`` rows, the excess leaves it, drawn
+    uniformly from everything it holds; the rest leaves in a random order at the end. So a batch
+    mixes the rows of every row group still in the queue, as Petastorm's shuffling queue does,
+    while the queue, and the reader, hold about ``capacity`` rows: deterministic, so every rank
+    computes the same order from the row counts alone."""
+    unit = max(1, capacity // 4)
+    # int32 while it fits: the order of a big block is the largest array the loader keeps.
+    dtype = np.int32 if sum(segment_rows) < 2**31 else np.int64
+    out: list[np.ndarray] = []
+    queue = np.empty(0, dtype=dtype)
+    pos = 0
+    for n in segment_rows:
+        for lo in range(0, n, unit):
+            m = min(unit, n - lo)
+            queue = np.concatenate([queue, np.arange(pos, pos + m, dtype=dtype)])
+            pos += m
+            extra = len(queue) - capacity
+            if extra > 0:
+                pick = rng.permutation(len(queue))
+                out.append(queue[pick[:extra]])
+                queue = queue[pick[extra:]]
+    out.append(queue[rng.permutation(len(queue))])
+    return np.concatenate(out)
 
 
 # ----- position intervals -----
