@@ -47,26 +47,33 @@ def _double(c: str) -> "Column":
     return F.when(~F.isnan(x), x)
 
 
-def fit_numeric(df: "DataFrame", columns: list[str], *,
-                quantiles: dict[str, tuple[str, list[float], int]]) -> NumericStats:
-    """Statistics of ``columns`` and quantiles of ``quantiles`` (name -> (column,
-    probabilities, accuracy)) in one aggregation. ``percentile_approx`` with accuracy A returns,
-    for probability p, a value whose rank among the n non-null values is within n / A of p * n."""
+def fit_numeric(df: "DataFrame", columns: list[str], *, quantiles: dict[str, tuple[str, list[float], int]],
+                extremes: list[str] | None = None) -> NumericStats:
+    """Count, mean and population std of ``columns``, min and max of ``extremes`` (default:
+    ``columns``), and quantiles of ``quantiles`` (name -> (column, probabilities, accuracy)) in
+    one aggregation. ``percentile_approx`` with accuracy A returns, for probability p, a value
+    whose rank among the n non-null values is within n / A of p * n."""
     from pyspark.sql import functions as F
 
+    extremes = list(columns) if extremes is None else extremes
+    # Only the aggregates asked for: a few dozen more would push the generated aggregation code
+    # past the JIT's method-size limit and slow the whole pass down.
     aggs = [F.count(F.lit(1)).alias("_rows")]
     for i, c in enumerate(columns):
         x = _double(c)
-        aggs += [F.count(x).alias(f"n{i}"), F.avg(x).alias(f"m{i}"), F.stddev_pop(x).alias(f"s{i}"),
-                 F.min(x).alias(f"lo{i}"), F.max(x).alias(f"hi{i}")]
+        aggs += [F.count(x).alias(f"n{i}"), F.avg(x).alias(f"m{i}"), F.stddev_pop(x).alias(f"s{i}")]
+    for i, c in enumerate(extremes):
+        x = _double(c)
+        aggs += [F.min(x).alias(f"lo{i}"), F.max(x).alias(f"hi{i}")]
     for j, (c, probs, accuracy) in enumerate(quantiles.values()):
         aggs.append(F.percentile_approx(_double(c), list(probs), accuracy).alias(f"q{j}"))
     row = df.agg(*aggs).first()
-    stats = {}
+    stats: dict[str, dict[str, Any]] = {}
     for i, c in enumerate(columns):
         n = int(row[f"n{i}"])
-        stats[c] = {"count": n, "mean": _f(row[f"m{i}"]), "std": _f(row[f"s{i}"], 0.0 if n else None),
-                    "min": _f(row[f"lo{i}"]), "max": _f(row[f"hi{i}"])}
+        stats[c] = {"count": n, "mean": _f(row[f"m{i}"]), "std": _f(row[f"s{i}"], 0.0 if n else None)}
+    for i, c in enumerate(extremes):
+        stats.setdefault(c, {}).update(min=_f(row[f"lo{i}"]), max=_f(row[f"hi{i}"]))
     q = {name: [float(v) for v in (row[f"q{j}"] or [])] for j, name in enumerate(quantiles)}
     return NumericStats(rows=int(row["_rows"]), columns=stats, quantiles=q)
 
@@ -96,7 +103,8 @@ class VocabRequest:
     """Count only rows where the frame's ``_is_train`` column is true (if it has one)."""
 
 
-def _values(r: VocabRequest, df: "DataFrame") -> "Column":
+def _values(r: VocabRequest, per_row_filter: bool) -> "Column":
+    """The (name, value) pairs one row emits for request ``r``; null or empty when none."""
     import re
 
     from pyspark.sql import functions as F
@@ -104,6 +112,9 @@ def _values(r: VocabRequest, df: "DataFrame") -> "Column":
     from sparkdl.etl.transforms import TOKEN_PATTERN
 
     col = F.col(r.input)
+    if r.kind == "value" and not per_row_filter:
+        # The cheap common case: one pair per row, nulls dropped after the explode.
+        return F.array(F.struct(F.lit(r.name).alias("k"), col.cast("string").alias("v")))
     if r.kind == "value":
         vals = F.when(col.isNotNull(), F.array(col.cast("string")))
     elif r.kind == "tokens":
@@ -113,7 +124,7 @@ def _values(r: VocabRequest, df: "DataFrame") -> "Column":
         vals = F.filter(F.transform(items, lambda v: F.trim(v)), lambda v: v != F.lit(""))
     else:
         raise ValueError(f"VocabRequest {r.name!r}: kind {r.kind!r} is not value, tokens or items")
-    if r.train_only and "_is_train" in df.columns:
+    if per_row_filter and r.train_only:
         vals = F.when(F.col("_is_train"), vals)
     pairs = F.transform(vals, lambda v: F.struct(F.lit(r.name).alias("k"), v.alias("v")))
     return F.coalesce(pairs, F.array().cast("array<struct<k:string,v:string>>"))
@@ -130,8 +141,17 @@ def fit_vocabularies(df: "DataFrame", requests: list[VocabRequest]) -> dict[str,
     names = [r.name for r in requests]
     if len(set(names)) != len(names):
         raise ValueError(f"vocabulary names {names} repeat; give each request its own name")
-    pairs = df.select(F.explode(F.flatten(F.array(*[_values(r, df) for r in requests]))).alias("p"))
-    counts = pairs.select("p.k", "p.v").where(F.col("v").isNotNull()).groupBy("k", "v").count()
+    flagged = "_is_train" in df.columns
+    # Rows are filtered once when every request counts training rows only; a request over all
+    # rows (label classes) makes the filter per request instead.
+    per_row = flagged and not all(r.train_only for r in requests)
+    if flagged and not per_row:
+        df = df.where(F.col("_is_train"))
+    arrays = [_values(r, per_row) for r in requests]
+    simple = not per_row and all(r.kind == "value" for r in requests)
+    pairs = F.concat(*arrays) if simple else F.flatten(F.array(*arrays))
+    counts = df.select(F.explode(pairs).alias("p")).select("p.k", "p.v").where(F.col("v").isNotNull())
+    counts = counts.groupBy("k", "v").count()
     min_counts = F.create_map(*[x for r in requests for x in (F.lit(r.name), F.lit(r.min_count))])
     counts = counts.where(F.col("count") >= F.element_at(min_counts, F.col("k")))
     if any(r.top_k for r in requests):

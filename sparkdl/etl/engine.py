@@ -166,14 +166,16 @@ def fit_spec(spark: "SparkSession", clean: "DataFrame", config: ETLConfig, *,
     train = clean.where(F.col("split") == "train")
     flagged = clean.withColumn("_is_train", F.col("split") == "train")
     feats = config.features
-    numeric_inputs = list(dict.fromkeys(t.input for t in feats if t.type in ("standardize", "minmax")))
+    numeric_inputs = list(dict.fromkeys(t.input for t in feats if t.type == "standardize"))
+    extremes = list(dict.fromkeys(t.input for t in feats if t.type == "minmax"))
     quantiles = {t.output: (t.input, [i / t.num_buckets for i in range(1, t.num_buckets)], t.accuracy)
                  for t in feats if t.type == "bucketize"}
     stats = None
-    if numeric_inputs or quantiles:
+    if numeric_inputs or extremes or quantiles:
         with count_jobs(spark, jobs, "numeric"):
-            stats = fit_numeric(train, numeric_inputs, quantiles=quantiles)
+            stats = fit_numeric(train, numeric_inputs, quantiles=quantiles, extremes=extremes)
         empty = [c for c in numeric_inputs if stats.columns[c]["count"] == 0]
+        empty += [c for c in extremes if stats.columns[c]["min"] is None]
         if empty:
             raise ValueError(f"column {empty[0]!r} has no non-null values in the training rows; drop its "
                              "transform from features or check the input")

@@ -49,9 +49,13 @@ def read_source(spark: "SparkSession", config: ETLConfig, name: str, lakehouse: 
             raise MissingColumnsError(f"the {config.dataset} ETL ({where})", missing, list(df.columns))
         df = df.select(*src.columns)
     if src.blank_as_null:
+        opts = {k.lower(): str(v).lower() for k, v in src.options.items()}
+        # When the reader trims already, the small expression is enough (it is inlined into the scan).
+        trimmed = src.format == "csv" and all(
+            opts.get(k) == "true" for k in ("ignoreleadingwhitespace", "ignoretrailingwhitespace"))
         df = df.select(*[
-            F.when(F.trim(F.col(f.name)) != "", F.col(f.name)).alias(f.name) if isinstance(f.dataType, StringType)
-            else F.col(f.name) for f in df.schema.fields
+            F.when((F.col(f.name) if trimmed else F.trim(F.col(f.name))) != "", F.col(f.name)).alias(f.name)
+            if isinstance(f.dataType, StringType) else F.col(f.name) for f in df.schema.fields
         ])
     return df
 
