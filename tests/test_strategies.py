@@ -157,7 +157,7 @@ RESUMABLE = {
                       optimizer="adamw", lr=3e-3),
     "easgd": dict(strategy="easgd", sync_every=2, easgd_alpha=0.3, momentum=0.9),
     "bmuf": dict(strategy="bmuf", sync_every=3, bmuf_block_momentum=0.5, momentum=0.9),
-    "ssp": dict(strategy="ssp", staleness=0, momentum=0.9, lr=0.02),
+    "ssp": dict(strategy="ssp", staleness=0, momentum=0.9, lr=0.02, ps_timeout_s=30.0),
     "fedavg": dict(strategy="fedavg", train_table="digits_fed", fedavg_client_column="label",
                    fedavg_clients_per_round=4, batch_size=64, dp_clip=1.0, dp_noise_multiplier=0.5),
 }
