@@ -288,8 +288,11 @@ class _ParameterServer(Strategy):
         self.model.load_state_dict(state["replica"])
         self.shard.load_state_dict(state["ps_shard"])
 
-    def close(self) -> None:
+    def close(self, *, ok: bool = True) -> None:
         if self.thread is None:
+            return
+        if not ok:  # peers may be dead: leave the daemon server thread to end with the process group
+            self._closing.set()
             return
         try:
             for j in range(self.world):
