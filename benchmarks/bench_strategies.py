@@ -29,7 +29,7 @@ STRATEGIES = {
     "bmuf": {"strategy": "bmuf", "sync_every": 8, "bmuf_block_momentum": 0.5},
     "ssp": {"strategy": "ssp", "staleness": 3},
     "async": {"strategy": "async"},
-    "fedavg": {"strategy": "fedavg", "fedavg_client_column": "origin", "fedavg_local_epochs": 1},
+    "fedavg": {"strategy": "fedavg", "fedavg_client_column": "dest_id", "fedavg_clients_per_round": 25},
 }
 
 
