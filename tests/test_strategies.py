@@ -159,7 +159,8 @@ RESUMABLE = {
     "bmuf": dict(strategy="bmuf", sync_every=3, bmuf_block_momentum=0.5, momentum=0.9),
     "ssp": dict(strategy="ssp", staleness=0, momentum=0.9, lr=0.02, ps_timeout_s=30.0),
     "fedavg": dict(strategy="fedavg", train_table="digits_fed", fedavg_client_column="label",
-                   fedavg_clients_per_round=4, batch_size=64, dp_clip=1.0, dp_noise_multiplier=0.5),
+                   fedavg_clients_per_round=4, batch_size=64, dp_clip=1.0, dp_noise_multiplier=0.5,
+                   epochs=4),  # 10 clients, 4 per round: an epoch is 3 rounds
 }
 
 
@@ -181,12 +182,13 @@ def test_killed_rank_resumes_bit_identical(spark, lake, name):
         assert len(state["optimizer"]) == 2, "every rank's optimizer state is kept"
 
 
-def test_fedavg_reports_epsilon_and_describes_itself(lake):
+def test_fedavg_reports_the_epsilon_spent_by_the_rounds_run(lake):
     from sparkdl.train.strategies.fedavg import dp_epsilon
 
     result = fit(_cfg(lake, run_id="fed-dp", train_table="digits_fed", strategy="fedavg", local_mode=True,
                       fedavg_client_column="label", fedavg_clients_per_round=5, batch_size=64, dp_clip=1.0,
-                      dp_noise_multiplier=1.1, max_steps=4))
+                      dp_noise_multiplier=1.1, max_steps=4, epochs=2))  # an epoch is 10 / 5 = 2 rounds
+    assert result.steps == 4
     eps = [r["dp_epsilon"] for r in _rows(result)]
     assert eps == sorted(eps) and eps[0] > 0
     assert eps[-1] == pytest.approx(dp_epsilon(1.1, 0.5, 4, 1e-5))
