@@ -29,17 +29,18 @@ STRATEGIES = {
     "bmuf": {"strategy": "bmuf", "sync_every": 8, "bmuf_block_momentum": 0.5},
     "ssp": {"strategy": "ssp", "staleness": 3},
     "async": {"strategy": "async"},
-    "fedavg": {"strategy": "fedavg", "fedavg_client_column": "origin", "fedavg_local_epochs": 1},
+    "fedavg": {"strategy": "fedavg", "fedavg_client_column": "dest_id", "fedavg_clients_per_round": 25},
 }
 
 
-def run(lake: str, name: str, extra: dict, *, epochs: int, batch: int, straggler: dict | None) -> dict:
+def run(lake: str, name: str, extra: dict, *, epochs: int, batch: int, straggler: dict | None,
+        max_steps: int | None = None) -> dict:
     from sparkdl import _fs
     from sparkdl.train import TrainConfig, fit
 
     cfg = TrainConfig(lakehouse=lake, train_table="flights_train", valid_table="flights_valid", model="flights_mlp",
                       num_ranks=2, local_mode=True, epochs=epochs, batch_size=batch, lr=2e-3, optimizer="adamw",
-                      checkpoint_every=10_000, straggler=straggler, **extra)
+                      checkpoint_every=10_000, straggler=straggler, max_steps=max_steps, **extra)
     result = fit(cfg, progress=False)
     steps = [json.loads(line) for line in _fs.read_text(result.step_metrics).splitlines() if line.strip()]
     t0 = steps[0]["time"]
@@ -62,12 +63,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--only", nargs="*", default=list(STRATEGIES))
     p.add_argument("--factor", type=float, default=2.0, help="straggler slow-down of rank 1")
+    p.add_argument("--max-steps", type=int, default=None, help="smoke runs: stop after this many steps")
     args = p.parse_args()
     lake = os.path.abspath(args.lakehouse)
     for label, straggler in (("equal ranks", None), (f"rank 1 slowed {args.factor:g}x", {"rank": 1,
                                                                                          "factor": args.factor})):
-        rows = [run(lake, n, STRATEGIES[n], epochs=args.epochs, batch=args.batch, straggler=straggler)
-                for n in args.only]
+        rows = [run(lake, n, STRATEGIES[n], epochs=args.epochs, batch=args.batch, straggler=straggler,
+                    max_steps=args.max_steps) for n in args.only]
         base = rows[0]
         target = base["auc"][-1]
         print(f"\n{label}: 2 ranks, batch {args.batch}/rank, {args.epochs} epochs, target AUC {target:.4f} "

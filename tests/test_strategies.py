@@ -153,13 +153,17 @@ def test_ssp_keeps_the_fastest_worker_within_staleness_while_async_does_not(spar
 
 # ----- exact resume after a killed rank -----
 RESUMABLE = {
+    # fp16 compression: stateless. PowerSGD's state is checkpointed per rank too, but a resume with
+    # it is not bit-identical yet (a known gap, see docs/strategies.md).
+    "allreduce": dict(compression="fp16", optimizer="adam", lr=3e-3),
     "local_sgd": dict(strategy="local_sgd", sync_every=3, local_sgd_warmup_steps=2, outer_lr=0.7, outer_momentum=0.9,
                       optimizer="adamw", lr=3e-3),
     "easgd": dict(strategy="easgd", sync_every=2, easgd_alpha=0.3, momentum=0.9),
     "bmuf": dict(strategy="bmuf", sync_every=3, bmuf_block_momentum=0.5, momentum=0.9),
-    "ssp": dict(strategy="ssp", staleness=0, momentum=0.9, lr=0.02),
+    "ssp": dict(strategy="ssp", staleness=0, momentum=0.9, lr=0.02, ps_timeout_s=30.0),
     "fedavg": dict(strategy="fedavg", train_table="digits_fed", fedavg_client_column="label",
-                   fedavg_clients_per_round=4, batch_size=64, dp_clip=1.0, dp_noise_multiplier=0.5),
+                   fedavg_clients_per_round=4, batch_size=64, dp_clip=1.0, dp_noise_multiplier=0.5,
+                   epochs=4),  # 10 clients, 4 per round: an epoch is 3 rounds
 }
 
 
@@ -177,16 +181,17 @@ def test_killed_rank_resumes_bit_identical(spark, lake, name):
     # The checkpoint loads without pickled objects (weights_only) and names its strategy.
     state = torch.load(io.BytesIO(_fs.read_bytes(faulty.checkpoint)), weights_only=True)
     assert state["strategy"]["describe"]["name"] == name
-    if name != "fedavg":
+    if name not in ("fedavg", "allreduce"):  # allreduce replicas are identical: rank 0's state is every rank's
         assert len(state["optimizer"]) == 2, "every rank's optimizer state is kept"
 
 
-def test_fedavg_reports_epsilon_and_describes_itself(lake):
+def test_fedavg_reports_the_epsilon_spent_by_the_rounds_run(lake):
     from sparkdl.train.strategies.fedavg import dp_epsilon
 
     result = fit(_cfg(lake, run_id="fed-dp", train_table="digits_fed", strategy="fedavg", local_mode=True,
                       fedavg_client_column="label", fedavg_clients_per_round=5, batch_size=64, dp_clip=1.0,
-                      dp_noise_multiplier=1.1, max_steps=4))
+                      dp_noise_multiplier=1.1, max_steps=4, epochs=2))  # an epoch is 10 / 5 = 2 rounds
+    assert result.steps == 4
     eps = [r["dp_epsilon"] for r in _rows(result)]
     assert eps == sorted(eps) and eps[0] > 0
     assert eps[-1] == pytest.approx(dp_epsilon(1.1, 0.5, 4, 1e-5))

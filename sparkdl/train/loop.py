@@ -50,10 +50,13 @@ def train_rank(cfg: TrainConfig, setup: RankSetup) -> dict[str, Any]:
     """One rank's training run; rank 0 returns the final state dict, history and metrics
     (or ``{"nonfinite": ...}`` when the loss, the gradients or the parameters stopped being finite)."""
     run = _RankRun(cfg, setup)
+    ok = False
     try:
-        return run.run()
+        out = run.run()
+        ok = True
+        return out
     finally:
-        run.close()
+        run.close(ok)
 
 
 class _Rate:
@@ -124,7 +127,10 @@ class _RankRun:
             setup.train_uri, version=setup.train_version, rank=dp_rank, world_size=dp_world,
             config=LoaderConfig(batch_size=cfg.batch_size, columns=train_columns, shuffle=cfg.shuffle,
                                 seed=cfg.seed,
-                                shuffle_buffer_rows=cfg.shuffle_buffer_rows, pin_memory=pin))
+                                shuffle_buffer_rows=cfg.shuffle_buffer_rows, pin_memory=pin,
+                                # Strategies that run rounds place the rows themselves (their batches
+                                # are per client): this loader must not refuse a table smaller than a batch.
+                                drop_last=not self.strategy.runs_rounds))
         if setup.valid_uri:
             self.valid = TableLoader(
                 setup.valid_uri, version=setup.valid_version, rank=self.rank, world_size=self.world,
@@ -183,9 +189,9 @@ class _RankRun:
         self.step, self.start_epoch, self.history = state["step"], state["epoch"], state["history"]
         self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
 
-    def close(self) -> None:
+    def close(self, ok: bool = False) -> None:
         if self.strategy is not None:
-            self.strategy.close()
+            self.strategy.close(ok=ok)
         for loader in (self.train, self.valid):
             if loader is not None:
                 loader.close()

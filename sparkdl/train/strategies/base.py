@@ -180,8 +180,9 @@ class Strategy:
         """The strategy and its parameters, for lineage and for checking a resume."""
         return {"name": self.name}
 
-    def close(self) -> None:
-        """Release threads and groups; called on every exit path."""
+    def close(self, *, ok: bool = True) -> None:
+        """Release threads and groups; called on every exit path (``ok`` False after an error,
+        when peers may be gone: nothing may wait on them then)."""
 
 
 StrategyFactory = Callable[..., Strategy]

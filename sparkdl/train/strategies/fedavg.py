@@ -96,7 +96,7 @@ class FedAvg(Strategy):
         self.clients: dict[int, dict[str, torch.Tensor]] = {}
         for j in range(self.rank, self.num_clients, self.world):
             mask = keys == ids[j]
-            self.clients[j] = {name: t[mask] for name, t in data.items() if name != key}
+            self.clients[j] = {name: t[mask] for name, t in data.items()}
         self.local_cfg = replace(self.cfg, lr=self.cfg.fedavg_local_lr or self.cfg.lr) \
             if self.cfg.fedavg_local_lr else self.cfg
 
