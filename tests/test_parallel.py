@@ -7,6 +7,7 @@ same global batch; a sharded checkpoint resumes bit-exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -311,10 +312,14 @@ def test_fsdp_through_fit_equals_allreduce_publishes_and_predicts(token_lake):
 
     fit(_cfg(token_lake, run_id="ar", model_name="tok-ar"), progress=False)
     res = fit(_cfg(token_lake, run_id="fsdp", model_name="tok-fsdp", parallelism="fsdp",
-                   fsdp_wrap=["TransformerEncoderLayer"]), progress=False)
+                   fsdp_wrap=["TransformerEncoderLayer"], valid_table=str(Path(token_lake) / "tables" / "tokens")),
+              progress=False)
     ar, _ = _published(token_lake, "tok-ar")
     sharded, mv = _published(token_lake, "tok-fsdp")
     assert mv.training_config["parallelism"] == "fsdp"
+    x, y = _token_data(0, ROWS)  # the table's rows: validation on the sharded model == the published one
+    with torch.no_grad():
+        assert res.history[-1]["val_loss"] == pytest.approx(_loss(sharded(x), y).item(), rel=1e-4)
     for k, v in ar.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
     x, _ = _token_data(99, 5)
@@ -346,7 +351,8 @@ def test_pipeline_through_fit_equals_one_rank_and_publishes(token_lake):
     fit(_cfg(token_lake, run_id="one", model_name="tok-one", num_ranks=1, optimizer="sgd", momentum=0.9, lr=0.1),
         progress=False)
     res = fit(_cfg(token_lake, run_id="pipe", model_name="tok-pipe", parallelism="pipeline", optimizer="sgd",
-                   momentum=0.9, lr=0.1, pipeline_split=["encoder.layers.2"], microbatches=4), progress=False)
+                   momentum=0.9, lr=0.1, pipeline_split=["encoder.layers.2"], microbatches=4,
+                   valid_table=str(Path(token_lake) / "tables" / "tokens")), progress=False)
     one, _ = _published(token_lake, "tok-one")
     piped, mv = _published(token_lake, "tok-pipe")
     for k, v in one.state_dict().items():
@@ -355,6 +361,10 @@ def test_pipeline_through_fit_equals_one_rank_and_publishes(token_lake):
     with torch.no_grad():
         torch.testing.assert_close(piped(x), one(x), rtol=1e-5, atol=1e-6)
     assert res.history[-1]["train_loss"] > 0
+    # Validation ran on the whole model gathered from the stages: its loss is the published model's.
+    x, y = _token_data(0, ROWS)
+    with torch.no_grad():
+        assert res.history[-1]["val_loss"] == pytest.approx(_loss(piped(x), y).item(), rel=1e-4)
 
 
 def test_pre_launch_errors_name_the_field(token_lake):
@@ -369,6 +379,8 @@ def test_pre_launch_errors_name_the_field(token_lake):
         _cfg(token_lake, parallelism="fsdp", data_parallel_size=3, num_ranks=4)
     with pytest.raises(ValueError, match="strategy='local_sgd' is invalid: parallelism='fsdp'"):
         _cfg(token_lake, parallelism="fsdp", strategy="local_sgd")
+    with pytest.raises(ValueError, match="fsdp_offload=True is invalid: offload moves GPU-resident"):
+        _cfg(token_lake, parallelism="fsdp", fsdp_offload=True)
     with pytest.raises(ValueError, match=r"fsdp_wrap=\['Nope'\] is invalid"):
         fit(_cfg(token_lake, run_id="bad-wrap", parallelism="fsdp", fsdp_wrap=["Nope"]))
 
@@ -411,3 +423,51 @@ def test_pipeline_2x2_shards_data_by_replica_and_equals_allreduce(token_lake):
     ar_rows = [json.loads(line) for line in Path(res.step_metrics.replace("pipe2x2", "ar2")).read_text().splitlines()]
     pp_rows = [json.loads(line) for line in Path(res.step_metrics).read_text().splitlines()]
     assert [r["loss"] for r in pp_rows] == pytest.approx([r["loss"] for r in ar_rows], rel=1e-5)
+
+
+# ----- FSDP options: meta-device init, bf16 parameters (CPU offload pins memory: GPU only) -----
+
+def _fsdp_options(rank, world, out):
+    from torch.distributed.tensor import DTensor
+
+    from sparkdl.train.parallel import MeshLayout, build_mesh
+    from sparkdl.train.parallel.fsdp import materialize_meta, shard_model
+
+    mesh = build_mesh(MeshLayout("fsdp", 1, world), torch.device("cpu"))["shard"]
+    with torch.device("meta"):
+        model = _TokenNet()
+    shard_model(model, mesh, classes=["TransformerEncoderLayer"], param_dtype=torch.bfloat16)
+    materialize_meta(model, torch.device("cpu"), seed=0)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    init = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(STEPS):
+        x, y = _token_data(step, BATCH * world)
+        mine = slice(rank * BATCH, (rank + 1) * BATCH)
+        loss = _loss(model({"tokens": x["tokens"][mine]}).float(), y[mine])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save({"full": full, "init": init, "losses": losses, "local": local, "total": total,
+                    "dtypes": sorted({str(p.dtype) for p in model.parameters()})}, out)
+
+
+def test_fsdp_meta_init_and_bf16(tmp_path):
+    _spawn(_fsdp_options, 2, tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out["local"] * 2 >= out["total"] and out["local"] < 0.55 * out["total"]  # each rank holds half
+    assert out["dtypes"] == ["torch.float32"]  # sharded master weights stay fp32; compute was bf16
+    assert all(math.isfinite(v) for v in out["losses"])
+    assert all(torch.isfinite(v).all() for v in out["full"].values())
+    full = out["init"]
+    # reset_parameters ran on every module: padding row zero, LayerNorm ones, attention biases zero,
+    # and layers drawn independently (not left as uninitialised memory).
+    assert torch.equal(full["tokens.weight"][0], torch.zeros(16))
+    assert full["tokens.weight"][1:].std() > 0.5
+    assert torch.equal(full["encoder.layers.0.norm1.bias"], torch.zeros(16))
+    assert not torch.equal(full["encoder.layers.0.linear1.weight"], full["encoder.layers.1.linear1.weight"])

@@ -100,6 +100,9 @@ def check_parallelism(cfg: Any) -> None:
     if cfg.sync_batchnorm:
         raise bad("sync_batchnorm", f"not supported with parallelism={p!r}; turn it off")
     if p == "fsdp":
+        if cfg.fsdp_offload and not cfg.use_gpu:
+            raise bad("fsdp_offload", "offload moves GPU-resident shards to host memory; on CPU ranks they are there "
+                                      "already: set use_gpu=True or drop fsdp_offload")
         dp = dp or 1
         if world % dp:
             raise bad("data_parallel_size", f"num_ranks={world} is not a multiple of it: the mesh is "
