@@ -262,8 +262,8 @@ class TrainConfig:
         elif self.dp_clip is not None:
             raise bad("dp_clip", "client-level DP is part of strategy='fedavg'; set strategy='fedavg' or dp_clip=None")
         if self.strategy != "allreduce" and self.sync_batchnorm:
-            raise bad("sync_batchnorm", "SyncBatchNorm synchronizes every forward pass, which only strategy='allreduce' "
-                                        "does in lockstep; turn it off")
+            raise bad("sync_batchnorm", "SyncBatchNorm synchronizes every forward pass, which only "
+                                        "strategy='allreduce' does in lockstep; turn it off")
         if self.strategy != "allreduce" and self.compression != "none":
             raise bad("compression", f"gradient compression hooks belong to strategy='allreduce', not "
                                      f"{self.strategy!r}; use compression='none'")

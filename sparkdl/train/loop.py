@@ -120,12 +120,13 @@ class _RankRun:
         self.ids_column = setup.log_row_ids
         if self.ids_column:
             columns.append(self.ids_column)
-        columns += [c for c in self.strategy.extra_columns() if c not in columns]
+        train_columns = columns + [c for c in self.strategy.extra_columns() if c not in columns]
         pin = device.type == "cuda"
         dp_rank, dp_world = self.strategy.data_parallel
         self.train = TableLoader(
             setup.train_uri, version=setup.train_version, rank=dp_rank, world_size=dp_world,
-            config=LoaderConfig(batch_size=cfg.batch_size, columns=columns, shuffle=cfg.shuffle, seed=cfg.seed,
+            config=LoaderConfig(batch_size=cfg.batch_size, columns=train_columns, shuffle=cfg.shuffle,
+                                seed=cfg.seed,
                                 shuffle_buffer_rows=cfg.shuffle_buffer_rows, pin_memory=pin))
         if setup.valid_uri:
             self.valid = TableLoader(
@@ -332,7 +333,8 @@ class _RankRun:
             return
         row = {"epoch": epoch + 1, "step": self.step, "loss": loss, "lr": lr,
                "samples_per_s": self.rate(self.samples * self.strategy.data_parallel[1]), "time": time.time(),
-               **self.strategy.metrics()}
+               # This rank's cumulative samples and strategy traffic (bytes it sent), for benchmarks.
+               "rank_samples": self.samples, "comm_bytes": self.strategy.bytes_sent, **self.strategy.metrics()}
         self.log.add(row)
         self.ctx.report({"kind": "step", "epochs": self.cfg.epochs, "total_steps": self.total, **row})
 

@@ -40,5 +40,5 @@ class BMUF(PeriodicSync):
         return {"global_model": self.global_model, "block_momentum": self.block_momentum}
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sync_every": self.cfg.sync_every, "bmuf_block_momentum": self.cfg.bmuf_block_momentum,
-                "bmuf_block_lr": self.cfg.bmuf_block_lr, "bmuf_nesterov": self.cfg.bmuf_nesterov}
+        return {"name": self.name, "sync_every": self.cfg.sync_every,
+                "bmuf_block_momentum": self.cfg.bmuf_block_momentum, "bmuf_block_lr": self.cfg.bmuf_block_lr, "bmuf_nesterov": self.cfg.bmuf_nesterov}

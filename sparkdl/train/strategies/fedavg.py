@@ -72,7 +72,7 @@ class FedAvg(Strategy):
         key = self.cfg.fedavg_client_column
         rows: dict[str, list[torch.Tensor]] = {}
         with open_table(LoaderConfig(batch_size=8192, columns=loader.config.columns, shuffle=False,
-                                     drop_last=False, remainder="partial")) as table:
+                                     drop_last=False)) as table:
             for batch in table:
                 for name, t in batch.items():
                     rows.setdefault(name, []).append(t)

@@ -59,8 +59,11 @@ class LocalSGD(Strategy):
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         with warnings.catch_warnings():  # H=1 warns that DDP would do; H=1 is the equivalence test
             warnings.simplefilter("ignore")
-            self.averager = PeriodicModelAverager(period=self.cfg.sync_every,
-                                                  warmup_steps=self.cfg.local_sgd_warmup_steps,
+            # The averager averages at steps warmup, warmup + H, ... (0-based, after the step): its
+            # warm-up is shifted by H - 1 so the first average comes after H local steps, as in
+            # easgd and bmuf.
+            shifted = self.cfg.local_sgd_warmup_steps + self.cfg.sync_every - 1
+            self.averager = PeriodicModelAverager(period=self.cfg.sync_every, warmup_steps=shifted,
                                                   process_group=self.group)
         return PostLocalSGDOptimizer(build_optimizer(self.cfg, params), self.averager)
 
@@ -74,22 +77,22 @@ class LocalSGD(Strategy):
     def step(self, opt, precision, step: int) -> None:
         numel = sum(p.numel() for p in self.params)
         wire = int(2 * (self.world - 1) / self.world * numel * 4)
-        if self.averager.step < self.averager.warmup_steps:
+        warming = self.averager.step < self.cfg.local_sgd_warmup_steps
+        if warming:
             self.bytes_sent += wire  # the warm-up's gradient all-reduce
         averages = self._averages_now()
         before = self.averager.step
         precision.step(opt)  # local step, then the averager's (a scaler may skip both)
+        # Parameters may have been re-pointed by the averager: collect them again.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.outer is not None and warming:  # the first outer block starts where the warm-up ends
+            with torch.no_grad():
+                for a, p in zip(self.anchor, self.params):
+                    a.copy_(p)
         if self.averager.step == before or not averages:
             return
         self.bytes_sent += wire
         if self.outer is None:
-            return
-        # Parameters may have been re-pointed by the averager: collect them again.
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.averager.step - 1 == self.averager.warmup_steps:  # the first average opens the first block
-            with torch.no_grad():
-                for a, p in zip(self.anchor, self.params):
-                    a.copy_(p)
             return
         with torch.no_grad():
             for a, p in zip(self.anchor, self.params):

@@ -17,7 +17,7 @@ reply, one round trip per shard and step. The server applies the configured opti
 Transport: torch.distributed point-to-point on two dedicated gloo groups (requests, replies),
 not ``torch.distributed.rpc`` (maintenance mode; its parameter-server example hangs past two
 workers, pytorch/examples#780). No extra listening socket: the groups rendezvous through the
-job's own store. Waits are polled against a deadline (``ps_timeout_s``), so a dead worker or
+job's own store. A worker waits for each reply at most ``ps_timeout_s``, so a dead worker or
 shard fails the stage (which resumes from the last checkpoint) instead of hanging it.
 """
 
@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ __all__ = ["Asynchronous", "StaleSynchronous"]
 
 PUSH, PULL, DONE, STOP = 1.0, 2.0, 3.0, 4.0
 _HEADER = 4
-_POLL_S = 0.0002
+_IDLE = timedelta(days=1)
 _STOP_WHAT = {1: ("loss", float("nan")), 2: ("loss", float("inf")), 3: ("gradient norm", float("nan")),
               4: ("gradient norm", float("inf"))}
 
@@ -115,9 +116,11 @@ class _Shard:
         self.waiting = keep
         return out
 
-    def take_local_reply(self, deadline: float) -> torch.Tensor:
+    def take_local_reply(self, deadline: float, server_error: Callable[[], BaseException | None]) -> torch.Tensor:
         with self.cv:
             while self.local_reply is None:
+                if server_error() is not None:
+                    raise RuntimeError("this rank's parameter-server thread failed") from server_error()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("no reply from this rank's parameter-server shard: a worker it waits "
@@ -186,19 +189,20 @@ class _ParameterServer(Strategy):
         try:
             while remaining > 0:
                 buf = torch.empty(_HEADER + hi - lo)
-                work = dist.irecv(buf, src=None, group=self.req_group)
-                while not work.is_completed():
-                    if self._closing.is_set():
-                        return
-                    time.sleep(_POLL_S)
-                work.wait()
+                # A gloo receive completes only inside wait() (is_completed() stays False until
+                # then), and a timed-out receive cannot be re-posted safely: block for as long as
+                # a run may idle (validation, checkpoints). On the normal path every peer's DONE
+                # ends the loop; otherwise this daemon thread ends with the process group.
+                dist.irecv(buf, src=None, group=self.req_group).wait(_IDLE)
                 kind, worker, clock, arg = buf[:_HEADER].tolist()
                 if kind == DONE:
                     remaining -= 1
                     continue
                 self._send_replies(self.shard.handle(kind, int(worker), int(clock), int(arg), buf[_HEADER:]))
-        except BaseException as e:  # the worker side raises it (or times out) on its next exchange
+        except BaseException as e:  # the worker side raises it on its next exchange
             self._server_error = e
+            with self.shard.cv:
+                self.shard.cv.notify_all()
 
     def _send_replies(self, replies: list[tuple[int, torch.Tensor]]) -> None:
         for worker, reply in replies:
@@ -224,16 +228,13 @@ class _ParameterServer(Strategy):
             self.bytes_sent += request.numel() * 4
         lo, hi = self.bounds[self.rank]
         self._send_replies(self.shard.handle(kind, self.rank, clock, 0, grad[lo:hi] if grad is not None else None))
-        parts = {self.rank: self.shard.take_local_reply(deadline)}
+        parts = {self.rank: self.shard.take_local_reply(deadline, lambda: self._server_error)}
         for j, reply, work in recvs:
-            while not work.is_completed():
-                if self._server_error is not None:
-                    raise RuntimeError("this rank's parameter-server shard failed") from self._server_error
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"parameter-server shard on rank {j} did not answer within "
-                                       f"ps_timeout_s={self.cfg.ps_timeout_s}s: that rank is dead or stuck")
-                time.sleep(_POLL_S)
-            work.wait()
+            try:
+                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            except RuntimeError as e:
+                raise TimeoutError(f"parameter-server shard on rank {j} did not answer within "
+                                   f"ps_timeout_s={self.cfg.ps_timeout_s}s: that rank is dead or stuck") from e
             parts[j] = reply
         stop = max(int(p[0]) for p in parts.values())
         if stop and kind == PUSH:

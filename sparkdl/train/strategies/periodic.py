@@ -54,7 +54,8 @@ class PeriodicSync(Strategy):
             set_flat_params(self.params, mine)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"replica": cpu_copy(self.model.state_dict()), **{k: cpu_copy(v) for k, v in self._state_tensors().items()}}
+        extra = {k: cpu_copy(v) for k, v in self._state_tensors().items()}
+        return {"replica": cpu_copy(self.model.state_dict()), **extra}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["replica"])
