@@ -177,30 +177,36 @@ def _token_data(step: int, rows: int):
     return {"tokens": torch.randint(1, 32, (rows, 8), generator=g)}, (torch.rand(rows, generator=g) > 0.5).float()
 
 
-def _train_pipeline(rank, world, schedule, out):
+def _train_pipeline(rank, world, schedule, accum, out):
     from sparkdl.train.parallel.pipeline import StageRunner, split_model
 
     torch.manual_seed(0)
     model = _TokenNet()
-    x, _ = _token_data(0, 2)
+    rows = BATCH // accum  # per pipeline step; accum steps make one optimizer step, as accumulation_steps does
+    x, _ = _token_data(0, rows // 4)
     pipe = split_model(model, ["encoder.layers.2"], x)
     runner = StageRunner(pipe, stage_index=rank, device=torch.device("cpu"), group=None, microbatches=4,
-                         schedule=schedule, loss_fn=_loss)
+                         schedule=schedule, loss_fn=lambda o, y: _loss(o, y) / accum)
     opt = torch.optim.SGD(runner.module.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for step in range(STEPS):
         x, y = _token_data(step, BATCH)
-        loss = runner.step(x if runner.is_first else None, y if runner.is_last else None)
-        if loss is not None:
-            losses.append(loss.item())
+        total = 0.0
+        for part in range(accum):
+            mine = slice(part * rows, (part + 1) * rows)
+            loss = runner.step({"tokens": x["tokens"][mine]} if runner.is_first else None,
+                               y[mine] if runner.is_last else None)
+            total += loss.item() if loss is not None else 0.0
+        if runner.is_last:
+            losses.append(total)
         opt.step()
         opt.zero_grad()
     torch.save({"state": runner.module.state_dict(), "losses": losses}, f"{out}.{rank}")
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_two_stage_pipeline_equals_one_rank(tmp_path, schedule):
-    _spawn(_train_pipeline, 2, schedule, tmp_path / "pipe")
+@pytest.mark.parametrize("schedule,accum", [("gpipe", 1), ("1f1b", 1), ("gpipe", 2)])
+def test_two_stage_pipeline_equals_one_rank(tmp_path, schedule, accum):
+    _spawn(_train_pipeline, 2, schedule, accum, tmp_path / "pipe")
     torch.manual_seed(0)
     model = _TokenNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
