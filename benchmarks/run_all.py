@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ("bench_etl.py", "bench_loader.py", "bench_launch.py", "bench_scaling.py", "bench_gpu.py",
-           "bench_parallelism.py")
+SCRIPTS = ("bench_etl.py", "bench_loader.py", "bench_launch.py", "bench_scaling.py", "bench_gpu.py")
 
 failed = []
 for script in SCRIPTS:
