@@ -73,6 +73,14 @@ def _vm_bytes() -> int:
     return 0
 
 
+def _vm_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmPeak:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -113,10 +121,6 @@ def rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
         from sparkdl.train.precision import Precision
         from sparkdl.train.strategies import build_strategy
 
-        if args["limit_bytes"]:
-            result["limit_bytes"] = args["limit_bytes"]
-            base = _vm_bytes()
-            resource.setrlimit(resource.RLIMIT_AS, (base + args["limit_bytes"], resource.RLIM_INFINITY))
         mode, dim, layers, length, batch = args["mode"], args["dim"], args["layers"], args["length"], args["batch"]
         extra = {"fsdp": dict(parallelism="fsdp", fsdp_wrap=["TransformerEncoderLayer"],
                               fsdp_meta_init=args["meta_init"]),
@@ -134,6 +138,14 @@ def rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
                     "label": torch.randint(0, 2, (rows,), generator=g).float().to(device)}
 
         strategy.example_batch = lambda rows: {"tokens": make_batch(rows)["tokens"]}
+        if args["limit_bytes"]:
+            # Set late, after the imports and the mesh, so libraries loaded on the way do not count.
+            import torch.distributed.fsdp  # noqa: F401
+            import torch.distributed.tensor  # noqa: F401
+
+            result["limit_bytes"] = args["limit_bytes"]
+            resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + args["limit_bytes"], resource.RLIM_INFINITY))
+        result["vm_base_bytes"] = _vm_bytes()
         phase = "build model"
         model = strategy.create_model(lambda: _token_model(vocab, length, dim, layers))
         result["params_total"] = sum(p.numel() for p in model.parameters())
@@ -175,11 +187,12 @@ def rank_main(rank: int, world: int, port: int, args: dict, out: str) -> None:
         result["samples_per_s"] = args["steps"] * batch * dp / elapsed
         result["rss_bytes"] = _rss_bytes()
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["vm_growth_bytes"] = _vm_peak_bytes() - result["vm_base_bytes"]
         if args["gpu"]:
             result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["ok"] = True
     except (MemoryError, RuntimeError) as e:  # the allocation that did not fit under the limit
-        result.update(ok=False, phase=phase, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        result.update(ok=False, phase=phase, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
         resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(f"{out}.{rank}", "w") as f:

@@ -7,6 +7,7 @@ same global batch; a sharded checkpoint resumes bit-exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -166,9 +167,9 @@ class _TokenNet(nn.Module):
         return self.head(self.encoder(x).mean(1)).squeeze(1)
 
 
-def token_net(**kwargs) -> nn.Module:
-    """Factory for fit(model="test_parallel:token_net")."""
-    return _TokenNet(**kwargs)
+def token_net(vocab: int = 32, length: int = 8, dim: int = 16, layers: int = 4) -> nn.Module:
+    """Factory for fit(model="test_parallel:token_net") (explicit arguments: it takes no table features)."""
+    return _TokenNet(vocab=vocab, length=length, dim=dim, layers=layers)
 
 
 def _token_data(step: int, rows: int):
@@ -176,30 +177,36 @@ def _token_data(step: int, rows: int):
     return {"tokens": torch.randint(1, 32, (rows, 8), generator=g)}, (torch.rand(rows, generator=g) > 0.5).float()
 
 
-def _train_pipeline(rank, world, schedule, out):
+def _train_pipeline(rank, world, schedule, accum, out):
     from sparkdl.train.parallel.pipeline import StageRunner, split_model
 
     torch.manual_seed(0)
     model = _TokenNet()
-    x, _ = _token_data(0, 2)
+    rows = BATCH // accum  # per pipeline step; accum steps make one optimizer step, as accumulation_steps does
+    x, _ = _token_data(0, rows // 4)
     pipe = split_model(model, ["encoder.layers.2"], x)
     runner = StageRunner(pipe, stage_index=rank, device=torch.device("cpu"), group=None, microbatches=4,
-                         schedule=schedule, loss_fn=_loss)
+                         schedule=schedule, loss_fn=lambda o, y: _loss(o, y) / accum)
     opt = torch.optim.SGD(runner.module.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for step in range(STEPS):
         x, y = _token_data(step, BATCH)
-        loss = runner.step(x if runner.is_first else None, y if runner.is_last else None)
-        if loss is not None:
-            losses.append(loss.item())
+        total = 0.0
+        for part in range(accum):
+            mine = slice(part * rows, (part + 1) * rows)
+            loss = runner.step({"tokens": x["tokens"][mine]} if runner.is_first else None,
+                               y[mine] if runner.is_last else None)
+            total += loss.item() if loss is not None else 0.0
+        if runner.is_last:
+            losses.append(total)
         opt.step()
         opt.zero_grad()
     torch.save({"state": runner.module.state_dict(), "losses": losses}, f"{out}.{rank}")
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_two_stage_pipeline_equals_one_rank(tmp_path, schedule):
-    _spawn(_train_pipeline, 2, schedule, tmp_path / "pipe")
+@pytest.mark.parametrize("schedule,accum", [("gpipe", 1), ("1f1b", 1), ("gpipe", 2)])
+def test_two_stage_pipeline_equals_one_rank(tmp_path, schedule, accum):
+    _spawn(_train_pipeline, 2, schedule, accum, tmp_path / "pipe")
     torch.manual_seed(0)
     model = _TokenNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -300,9 +307,14 @@ def _cfg(root: str, **kw):
 
 
 def _published(root: str, name: str):
+    import inspect
+
     from sparkdl.registry import load_model
 
-    model, mv = load_model(root, name)
+    # The test models' factory lives in this module: trust it where the registry asks (hardening).
+    trust = {"trusted_modules": ["test_parallel"]} if "trusted_modules" in inspect.signature(load_model).parameters \
+        else {}
+    model, mv = load_model(root, name, **trust)
     return model, mv
 
 
@@ -311,10 +323,14 @@ def test_fsdp_through_fit_equals_allreduce_publishes_and_predicts(token_lake):
 
     fit(_cfg(token_lake, run_id="ar", model_name="tok-ar"), progress=False)
     res = fit(_cfg(token_lake, run_id="fsdp", model_name="tok-fsdp", parallelism="fsdp",
-                   fsdp_wrap=["TransformerEncoderLayer"]), progress=False)
+                   fsdp_wrap=["TransformerEncoderLayer"], valid_table=str(Path(token_lake) / "tables" / "tokens")),
+              progress=False)
     ar, _ = _published(token_lake, "tok-ar")
     sharded, mv = _published(token_lake, "tok-fsdp")
     assert mv.training_config["parallelism"] == "fsdp"
+    x, y = _token_data(0, ROWS)  # the table's rows: validation on the sharded model == the published one
+    with torch.no_grad():
+        assert res.history[-1]["val_loss"] == pytest.approx(_loss(sharded(x), y).item(), rel=1e-4)
     for k, v in ar.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
     x, _ = _token_data(99, 5)
@@ -346,7 +362,8 @@ def test_pipeline_through_fit_equals_one_rank_and_publishes(token_lake):
     fit(_cfg(token_lake, run_id="one", model_name="tok-one", num_ranks=1, optimizer="sgd", momentum=0.9, lr=0.1),
         progress=False)
     res = fit(_cfg(token_lake, run_id="pipe", model_name="tok-pipe", parallelism="pipeline", optimizer="sgd",
-                   momentum=0.9, lr=0.1, pipeline_split=["encoder.layers.2"], microbatches=4), progress=False)
+                   momentum=0.9, lr=0.1, pipeline_split=["encoder.layers.2"], microbatches=4,
+                   valid_table=str(Path(token_lake) / "tables" / "tokens")), progress=False)
     one, _ = _published(token_lake, "tok-one")
     piped, mv = _published(token_lake, "tok-pipe")
     for k, v in one.state_dict().items():
@@ -355,6 +372,10 @@ def test_pipeline_through_fit_equals_one_rank_and_publishes(token_lake):
     with torch.no_grad():
         torch.testing.assert_close(piped(x), one(x), rtol=1e-5, atol=1e-6)
     assert res.history[-1]["train_loss"] > 0
+    # Validation ran on the whole model gathered from the stages: its loss is the published model's.
+    x, y = _token_data(0, ROWS)
+    with torch.no_grad():
+        assert res.history[-1]["val_loss"] == pytest.approx(_loss(piped(x), y).item(), rel=1e-4)
 
 
 def test_pre_launch_errors_name_the_field(token_lake):
@@ -369,6 +390,8 @@ def test_pre_launch_errors_name_the_field(token_lake):
         _cfg(token_lake, parallelism="fsdp", data_parallel_size=3, num_ranks=4)
     with pytest.raises(ValueError, match="strategy='local_sgd' is invalid: parallelism='fsdp'"):
         _cfg(token_lake, parallelism="fsdp", strategy="local_sgd")
+    with pytest.raises(ValueError, match="fsdp_offload=True is invalid: offload moves GPU-resident"):
+        _cfg(token_lake, parallelism="fsdp", fsdp_offload=True)
     with pytest.raises(ValueError, match=r"fsdp_wrap=\['Nope'\] is invalid"):
         fit(_cfg(token_lake, run_id="bad-wrap", parallelism="fsdp", fsdp_wrap=["Nope"]))
 
@@ -411,3 +434,51 @@ def test_pipeline_2x2_shards_data_by_replica_and_equals_allreduce(token_lake):
     ar_rows = [json.loads(line) for line in Path(res.step_metrics.replace("pipe2x2", "ar2")).read_text().splitlines()]
     pp_rows = [json.loads(line) for line in Path(res.step_metrics).read_text().splitlines()]
     assert [r["loss"] for r in pp_rows] == pytest.approx([r["loss"] for r in ar_rows], rel=1e-5)
+
+
+# ----- FSDP options: meta-device init, bf16 parameters (CPU offload pins memory: GPU only) -----
+
+def _fsdp_options(rank, world, out):
+    from torch.distributed.tensor import DTensor
+
+    from sparkdl.train.parallel import MeshLayout, build_mesh
+    from sparkdl.train.parallel.fsdp import materialize_meta, shard_model
+
+    mesh = build_mesh(MeshLayout("fsdp", 1, world), torch.device("cpu"))["shard"]
+    with torch.device("meta"):
+        model = _TokenNet()
+    shard_model(model, mesh, classes=["TransformerEncoderLayer"], param_dtype=torch.bfloat16)
+    materialize_meta(model, torch.device("cpu"), seed=0)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    init = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    losses = []
+    for step in range(STEPS):
+        x, y = _token_data(step, BATCH * world)
+        mine = slice(rank * BATCH, (rank + 1) * BATCH)
+        loss = _loss(model({"tokens": x["tokens"][mine]}).float(), y[mine])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save({"full": full, "init": init, "losses": losses, "local": local, "total": total,
+                    "dtypes": sorted({str(p.dtype) for p in model.parameters()})}, out)
+
+
+def test_fsdp_meta_init_and_bf16(tmp_path):
+    _spawn(_fsdp_options, 2, tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out["local"] * 2 >= out["total"] and out["local"] < 0.55 * out["total"]  # each rank holds half
+    assert out["dtypes"] == ["torch.float32"]  # sharded master weights stay fp32; compute was bf16
+    assert all(math.isfinite(v) for v in out["losses"])
+    assert all(torch.isfinite(v).all() for v in out["full"].values())
+    full = out["init"]
+    # reset_parameters ran on every module: padding row zero, LayerNorm ones, attention biases zero,
+    # and layers drawn independently (not left as uninitialised memory).
+    assert torch.equal(full["tokens.weight"][0], torch.zeros(16))
+    assert full["tokens.weight"][1:].std() > 0.5
+    assert torch.equal(full["encoder.layers.0.norm1.bias"], torch.zeros(16))
+    assert not torch.equal(full["encoder.layers.0.linear1.weight"], full["encoder.layers.1.linear1.weight"])

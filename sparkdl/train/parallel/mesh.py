@@ -83,10 +83,13 @@ def check_parallelism(cfg: Any) -> None:
         raise bad("fsdp_wrap", 'must be a list of module class names, e.g. ["TransformerEncoderLayer"], or None')
     if not isinstance(cfg.fsdp_min_params, int) or cfg.fsdp_min_params < 1:
         raise bad("fsdp_min_params", "must be an integer of at least 1, e.g. 1000000")
+    for name, default, applies in (("pipeline_split", None, "pipeline"), ("data_parallel_size", None, None),
+                                   ("fsdp_wrap", None, "fsdp"), ("fsdp_offload", False, "fsdp"),
+                                   ("fsdp_meta_init", False, "fsdp")):
+        if getattr(cfg, name) != default and (p == "data" or applies not in (None, p)):
+            where = f"parallelism={applies!r}" if applies else "parallelism='fsdp' or 'pipeline'"
+            raise bad(name, f"only applies to {where}; set parallelism or drop it")
     if p == "data":
-        for name, default in (("pipeline_split", None), ("data_parallel_size", None)):
-            if getattr(cfg, name) != default:
-                raise bad(name, "only applies to parallelism='fsdp' or 'pipeline'; set parallelism or drop it")
         return
     if cfg.strategy not in _SHARDABLE_STRATEGIES:
         raise bad("strategy", f"parallelism={p!r} shards the model over ranks, so no rank holds a replica of its "
@@ -97,8 +100,9 @@ def check_parallelism(cfg: Any) -> None:
     if cfg.sync_batchnorm:
         raise bad("sync_batchnorm", f"not supported with parallelism={p!r}; turn it off")
     if p == "fsdp":
-        if split:
-            raise bad("pipeline_split", "only applies to parallelism='pipeline'")
+        if cfg.fsdp_offload and not cfg.use_gpu:
+            raise bad("fsdp_offload", "offload moves GPU-resident shards to host memory; on CPU ranks they are there "
+                                      "already: set use_gpu=True or drop fsdp_offload")
         dp = dp or 1
         if world % dp:
             raise bad("data_parallel_size", f"num_ranks={world} is not a multiple of it: the mesh is "

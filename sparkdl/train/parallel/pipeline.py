@@ -43,8 +43,8 @@ class StageRunner:
     """One rank's stage of a pipeline and its schedule.
 
     ``step(inputs, target)``: the first stage passes ``inputs``, the last ``target``; returns the
-    batch's mean loss on the last stage, None elsewhere. Gradients accumulate in the stage's
-    parameters as after ``loss.backward()``."""
+    batch's loss on the last stage (``loss_fn`` averaged over the micro-batches), None elsewhere.
+    Gradients accumulate in the stage's parameters as after ``loss.backward()``."""
 
     def __init__(self, pipe, *, stage_index: int, device: torch.device, group: dist.ProcessGroup | None,
                  microbatches: int, schedule: str, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
@@ -55,7 +55,11 @@ class StageRunner:
         self.stage = pipe.build_stage(stage_index, device, group=group)
         self.module: nn.Module = self.stage.submod
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-        self.schedule = cls(self.stage, n_microbatches=microbatches, loss_fn=loss_fn)
+        # Each micro-batch's loss is divided by their number here, not by the schedule's
+        # scale_grads: that divides the parameters' whole .grad after the step, so it would also
+        # divide gradients accumulated by earlier steps (accumulation_steps > 1).
+        self.schedule = cls(self.stage, n_microbatches=microbatches, scale_grads=False,
+                            loss_fn=lambda out, y: loss_fn(out, y) / microbatches)
 
     @property
     def is_first(self) -> bool:
@@ -75,4 +79,4 @@ class StageRunner:
             self.schedule.step(target=target, losses=losses)
         else:
             self.schedule.step()
-        return torch.stack([l.detach() for l in losses]).mean() if losses else None
+        return torch.stack([l.detach() for l in losses]).sum() if losses else None
