@@ -14,7 +14,8 @@ OPTIMIZERS = ("sgd", "adagrad", "adam", "adamw")
 COMPRESSION = ("none", "fp16", "bf16", "powersgd")
 PRECISION = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "linear")
-FAULT_KINDS = ("exit", "raise", "nan", "inf_grad")
+FAULT_KINDS = ("exit", "raise", "nan", "inf_grad", "stall")
+RESIZE_POLICIES = ("scale_lr", "keep_global_batch")
 STRATEGIES = ("allreduce", "local_sgd", "easgd", "bmuf", "ssp", "async", "fedavg")
 # Names that become one folder under runs/ or models/: no separators, no leading dot.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -109,6 +110,14 @@ class TrainConfig:
     """Publish the model under this name (letters, digits, '.', '_', '-'); None = do not publish."""
     fault_injection: dict[str, Any] | None = None
     """Test hook: {"rank": r, "step": s, "attempt": a, "kind": "exit"|"raise"|"nan"|"inf_grad"}."""
+    # ----- elastic training (docs/elastic.md) -----
+    min_ranks: int | None = None
+    """Fewest ranks a relaunch may run on when the cluster lost task slots; None = num_ranks (no shrinking)."""
+    max_ranks: int | None = None
+    """Most ranks a relaunch may grow to when more task slots appear; None = num_ranks (no growing)."""
+    resize_policy: str | None = None
+    """On another world size M than the run's first one N: scale_lr (keep the per-rank batch, lr x M/N) or
+    keep_global_batch (accumulation_steps x N/M, which must be an integer). Needed whenever the size can change."""
     # ----- how ranks share the model (docs/strategies.md) -----
     strategy: str = "allreduce"
     """How ranks share the model: allreduce, local_sgd, easgd, bmuf, ssp, async or fedavg (docs/strategies.md)."""
@@ -232,6 +241,7 @@ class TrainConfig:
         if self.resume and not self.run_id:
             raise bad("resume", "resume needs run_id (the run to continue)")
         self._check_fault_injection()
+        self._check_elastic()
         self._check_strategy(bad, is_int, is_num)
         from sparkdl.train.parallel.mesh import check_parallelism
 
@@ -314,9 +324,29 @@ class TrainConfig:
             return
         fix = ('use {"rank": r, "step": s (>= 1), "attempt": a, "kind": one of '
                f"{list(FAULT_KINDS)}}}")
-        if not isinstance(fi, dict) or set(fi) - {"rank", "step", "attempt", "kind"}:
+        if not isinstance(fi, dict) or set(fi) - {"rank", "step", "attempt", "kind", "seconds"}:
             raise ValueError(f"fault_injection={fi!r} is invalid: {fix}")
         if fi.get("kind") not in FAULT_KINDS or not isinstance(fi.get("step"), int) or fi["step"] < 1:
             raise ValueError(f"fault_injection={fi!r} is invalid: {fix}")
         if not 0 <= fi.get("rank", 0) < self.num_ranks:
             raise ValueError(f"fault_injection={fi!r} is invalid: rank must be in 0..{self.num_ranks - 1}")
+
+    def _check_elastic(self) -> None:
+        for name in ("min_ranks", "max_ranks"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name}={v!r} is invalid: must be an integer of at least 1, or None (= num_ranks)")
+        lo, hi = self.min_ranks or self.num_ranks, self.max_ranks or self.num_ranks
+        if not lo <= self.num_ranks <= hi:
+            raise ValueError(f"min_ranks={lo}, num_ranks={self.num_ranks}, max_ranks={hi} are invalid: need "
+                             "min_ranks <= num_ranks <= max_ranks (num_ranks is the starting size)")
+        if self.resize_policy is not None and self.resize_policy not in RESIZE_POLICIES:
+            raise ValueError(f"resize_policy={self.resize_policy!r} is invalid: use one of {list(RESIZE_POLICIES)}")
+        if (lo, hi) != (self.num_ranks, self.num_ranks):
+            if self.resize_policy is None:
+                raise ValueError("min_ranks/max_ranks let the world size change, so the lr and "
+                                 "global batch policy must be explicit: set resize_policy='scale_lr' or "
+                                 "'keep_global_batch' (docs/elastic.md)")
+            if self.parallelism != "data":
+                raise ValueError(f"parallelism={self.parallelism!r} cannot change its world size: its sharded "
+                                 "checkpoint belongs to one device mesh; leave min_ranks/max_ranks unset")

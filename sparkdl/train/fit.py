@@ -13,6 +13,7 @@ from sparkdl.lakehouse import Lakehouse, normalize_uri, snapshot
 from sparkdl.models import ship_to_executors
 from sparkdl.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparkdl.train.config import TrainConfig
+from sparkdl.train.elastic import allowed_sizes, check_resizable, resize_settings
 from sparkdl.train.handoff import RankSetup
 from sparkdl.train.launcher import LaunchConfig, _check_capacity, run_distributed
 from sparkdl.train.loop import train_rank
@@ -205,15 +206,24 @@ def _resume_state(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
                          "its first one); start again under a new run_id, or delete the run folder")
     state = load_checkpoint(ckpt)
     loader = state["loaders"][0]
-    for name, saved, now in (("num_ranks", len(state["loaders"]), cfg.num_ranks),
-                             ("batch_size", loader["batch_size"], cfg.batch_size),
+    saved_ranks = len(state["loaders"])
+    base_ranks = int((state.get("elastic") or {}).get("base_ranks", saved_ranks))
+    if saved_ranks != cfg.num_ranks:  # another world size: refused here, before launch, when it cannot work
+        strategy = ((state.get("strategy") or {}).get("describe") or {}).get("name", "allreduce")
+        try:
+            check_resizable(cfg, strategy, saved_ranks=saved_ranks, world=cfg.num_ranks)
+            resize_settings(cfg, base_ranks=base_ranks, world=cfg.num_ranks)
+        except ValueError as e:
+            raise ValueError(f"run {cfg.run_id} cannot continue on num_ranks={cfg.num_ranks}: {e}") from e
+    for name, saved, now in (("batch_size", loader["batch_size"], cfg.batch_size),
                              ("shuffle", loader["shuffle"], cfg.shuffle), ("seed", loader["seed"], cfg.seed),
                              ("shuffle_buffer_rows", loader["shuffle_buffer_rows"], cfg.shuffle_buffer_rows),
                              ("train_version", loader["version"], cfg.train_version or loader["version"])):
         if saved != now:
             raise ValueError(f"run {cfg.run_id} was checkpointed with {name}={saved!r} but the config has "
                              f"{name}={now!r}; resume with {name}={saved!r}")
-    return {"history": state["history"], "train_version": loader["version"], "step": state["step"]}
+    return {"history": state["history"], "train_version": loader["version"], "step": state["step"],
+            "base_ranks": base_ranks}
 
 
 def _curves(run_dir: str, steps: list[dict[str, Any]], history: list[dict[str, Any]]) -> str | None:
@@ -278,11 +288,14 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
                                          spark=spark)
     setup = replace(setup, run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
+    sizes = allowed_sizes(config, base_ranks=earlier["base_ranks"] if earlier else config.num_ranks)
+    if config.num_ranks not in sizes:
+        sizes = sorted(set(sizes) | {config.num_ranks})  # the start size was checked above (resume) or is the base
     launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
                           max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env,
-                          pg_timeout_s=config.collective_timeout_s)
+                          pg_timeout_s=config.collective_timeout_s, world_sizes=tuple(sizes))
     if not config.local_mode:
-        _check_capacity(spark, launch)
+        _check_capacity(spark, replace(launch, num_ranks=min(sizes)))
     if not exists:  # only now: a config that fails the checks above leaves no run folder behind
         _fs.write_text(_fs.join(run_dir, "config.json"), json.dumps(asdict(config), indent=2, default=str))
     display = DriverProgress(on_epoch=on_epoch, earlier=earlier["history"] if earlier else [], show=progress)
@@ -298,6 +311,9 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
     if "nonfinite" in out:
         raise _nonfinite_error(out["nonfinite"])
     curves = _curves(run_dir, steps, out["history"])
+    if out.get("resizes"):  # every change of world size, with its policy and resulting lr/accumulation
+        lineage = {**lineage, "resizes": out["resizes"]}
+        _fs.write_text(_fs.join(run_dir, "resizes.json"), json.dumps(out["resizes"], indent=2))
     version = None
     if config.model_name:
         import torch

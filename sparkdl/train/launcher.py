@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -67,6 +67,9 @@ class LaunchConfig:
     """torch.set_num_threads (and OMP_NUM_THREADS) in each rank; None leaves torch's default."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for each rank (restored afterwards in reused Python workers)."""
+    world_sizes: tuple[int, ...] | None = None
+    """Elastic: the world sizes a relaunch may pick (the largest the cluster's free slots allow, so a
+    relaunch shrinks after losing executors and grows when slots come back); None = num_ranks only."""
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -81,6 +84,8 @@ class LaunchConfig:
             raise ValueError("start_timeout_s must be >= 0 and pg_timeout_s > 0 (seconds)")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be None or at least 1, got {self.torch_threads}")
+        if self.world_sizes is not None and (not self.world_sizes or min(self.world_sizes) < 1):
+            raise ValueError(f"world_sizes must be None or a non-empty tuple of sizes >= 1, got {self.world_sizes}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise ValueError("env must map str to str (environment variables are strings)")
 
@@ -117,8 +122,12 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     address; see docs/security.md."""
     if not config.local_mode and spark is None:
         raise ValueError("run_distributed needs spark= for barrier mode, or config.local_mode=True")
+    now = config
     if not config.local_mode:
-        _check_capacity(spark, config)
+        sizes = sorted(config.world_sizes or (config.num_ranks,))
+        _check_capacity(spark, replace(config, num_ranks=sizes[0]) if len(sizes) > 1 else config)
+        if len(sizes) > 1 and _slots(spark) < config.num_ranks:  # elastic: start on what the cluster offers
+            now = replace(config, num_ranks=max(m for m in sizes if m <= _slots(spark)))
     bind, advertise = _driver_address(spark, config)
     with ProgressServer(on_progress, bind_host=bind, advertise_host=advertise) as server:
         try:
@@ -132,15 +141,15 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
         for attempt in range(config.max_attempts):
             try:
                 if config.local_mode:
-                    return _run_local(payload, config, attempt, server)
-                if attempt > 0:  # a lost executor may not be back yet: wait for it, or fail clearly
-                    _check_capacity(spark, config)
-                return _run_barrier(spark, payload, config, attempt, server)
+                    return _run_local(payload, now, attempt, server)
+                if attempt > 0:  # a lost executor may not be back yet: wait for it, shrink, or fail clearly
+                    now = _relaunch_size(spark, config, now)
+                return _run_barrier(spark, payload, now, attempt, server)
             except RankFailedError as e:
                 if attempt + 1 >= config.max_attempts or not e.retryable:
                     raise
-                log.warning("%s failed on rank %d (%s); relaunching all %d ranks",
-                            attempt_label(attempt, config.max_attempts), e.rank, e.error, config.num_ranks)
+                log.warning("%s failed on rank %d (%s); relaunching from the last checkpoint",
+                            attempt_label(attempt, config.max_attempts), e.rank, e.error)
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -207,6 +216,31 @@ def _check_capacity(spark: "SparkSession", config: LaunchConfig) -> None:
             f"at once{wait}; lower --num-ranks to {slots} or less, or add task slots: spark.executor.instances x "
             f"spark.executor.cores / spark.task.cpus{gpu}, or local[N] with N >= ranks for a local master"
         )
+
+
+def _relaunch_size(spark: "SparkSession", config: LaunchConfig, last: LaunchConfig) -> LaunchConfig:
+    """The launch config of a relaunch. Not elastic: the same size, once the slots are back.
+    Elastic: the largest allowed size the free slots hold now (fewer after a lost executor, more
+    when slots came back), after waiting up to start_timeout_s for the smallest one."""
+    sizes = sorted(config.world_sizes or (config.num_ranks,))
+    if len(sizes) == 1:
+        _check_capacity(spark, last)
+        return last
+    time.sleep(1.0)  # the scheduler drops a lost executor's slots a moment after its tasks fail
+    start = time.monotonic()
+    while True:
+        slots = _slots(spark)
+        fits = [m for m in sizes if m <= slots]
+        if fits or time.monotonic() - start >= config.start_timeout_s:
+            break
+        time.sleep(0.5)
+    if not fits:
+        _check_capacity(spark, replace(last, num_ranks=sizes[0]))  # raises ClusterCapacityError with the fix
+    size = max(fits)
+    if size != last.num_ranks:
+        log.warning("the cluster offers %d task slots: relaunching on %d ranks instead of %d (elastic; "
+                    "docs/elastic.md)", slots, size, last.num_ranks)
+    return replace(last, num_ranks=size)
 
 
 def _is_comm_error(failure: dict) -> bool:

@@ -13,6 +13,7 @@ import json
 import random
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,8 @@ from sparkdl.train.context import rank_context
 from sparkdl.train.handoff import RankSetup
 from sparkdl.train.metrics import StepLog, validate
 from sparkdl.train.nonfinite import NonFinite, NonFiniteGuard
-from sparkdl.train.optim import lr_factor
+from sparkdl.train.elastic import check_resizable, resize_settings
+from sparkdl.train.optim import lr_factor_samples
 from sparkdl.train.precision import Precision
 from sparkdl.train.strategies import build_strategy
 
@@ -38,7 +40,7 @@ __all__ = ["train_rank"]
 _DETERMINISTIC = (ValueError, TypeError, LookupError, ImportError, AttributeError, NotImplementedError)
 # Checkpoint keys the loop writes itself; a strategy's per-rank keys must not collide with them.
 _LOOP_KEYS = {"model", "optimizer", "scheduler", "scaler", "loaders", "rng", "step", "epoch", "history",
-              "epoch_loss", "strategy"}
+              "epoch_loss", "strategy", "elastic"}
 
 
 def _sharded_uri(checkpoint: str) -> str:
@@ -97,7 +99,17 @@ class _RankRun:
         from sparkdl.data import LoaderConfig, TableLoader
         from sparkdl.models import build_model
 
-        cfg, setup, device = self.cfg, self.setup, self.device
+        setup, device = self.setup, self.device
+        # The checkpoint comes first: the run's first world size (in it) and this one fix the lr
+        # and accumulation of the resize policy, which everything below is built with.
+        self.last_ckpt = latest_checkpoint(self.run_dir)
+        saved = load_checkpoint(self.last_ckpt) if self.last_ckpt is not None else None
+        elastic = (saved or {}).get("elastic") or {}
+        self.base_ranks = int(elastic.get("base_ranks", len(saved["loaders"]) if saved else self.cfg.num_ranks))
+        self.resize = resize_settings(self.cfg, base_ranks=self.base_ranks, world=self.world)
+        if (self.resize.lr, self.resize.accumulation_steps) != (self.cfg.lr, self.cfg.accumulation_steps):
+            self.cfg = replace(self.cfg, lr=self.resize.lr, accumulation_steps=self.resize.accumulation_steps)
+        cfg = self.cfg
         if cfg.deterministic:  # run_rank restores the process-wide flag when the task ends
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -145,13 +157,22 @@ class _RankRun:
                 f"{cfg.accumulation_steps}: lower accumulation_steps, batch_size or num_ranks")
         epochs_total = self.steps_per_epoch * cfg.epochs
         self.total = epochs_total if cfg.max_steps is None else min(cfg.max_steps, epochs_total)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg, self.total))
+        # The lr schedule runs on global samples (docs/elastic.md): it stays put when a resize
+        # changes the global batch.
+        self.global_batch = cfg.batch_size * cfg.accumulation_steps * self.strategy.data_parallel[1]
+        self.global_samples = 0
+        self.schedule_samples = int(elastic.get("schedule_samples", self.total * self.global_batch))
+        first_batch = int(elastic.get("schedule_batch", self.global_batch))
+        factor = lr_factor_samples(cfg, total_samples=self.schedule_samples, schedule_batch=first_batch)
+        self.schedule_batch = first_batch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda _step: factor(self.global_samples, self.global_batch))
         self.strategy.set_total_steps(self.total)
         self.step, self.start_epoch, self.history = 0, 0, []
+        self.resizes: list[dict[str, Any]] = list(elastic.get("resizes", []))
         self.epoch_loss = [0.0, 0]  # sum and count of the logged step losses of the current epoch
-        self.last_ckpt = latest_checkpoint(self.run_dir)
-        if self.last_ckpt is not None:
-            self._restore(load_checkpoint(self.last_ckpt))
+        if saved is not None:
+            self._restore(saved)
         self.log = StepLog(self.run_dir, self.step) if self.rank == 0 else None
         self.samples = 0
         self.rate = _Rate()
@@ -167,27 +188,71 @@ class _RankRun:
             return {k: v.to(self.device) for k, v in next(iter(loader)).items()}
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if len(state["loaders"]) != self.world:
-            raise ValueError(f"checkpoint {self.last_ckpt} was written by {len(state['loaders'])} ranks, this run "
-                             f"has {self.world}; resume with num_ranks={len(state['loaders'])}")
+        from sparkdl.data import TableLoader
+
+        saved_world = len(state["loaders"])
         saved = (state.get("strategy") or {}).get("describe", {"name": "allreduce"})
         if saved.get("name") != self.strategy.name:
             raise ValueError(f"checkpoint {self.last_ckpt} was written with strategy={saved.get('name')!r}, this "
                              f"run has strategy={self.strategy.name!r}; resume with strategy={saved.get('name')!r}")
+        resized = saved_world != self.world
+        check_resizable(self.cfg, self.strategy.name, saved_ranks=saved_world, world=self.world)
         if self.strategy.shards_model:
             self.strategy.load_model_state(_sharded_uri(self.last_ckpt), self.opt)
         else:
             self.model.load_state_dict(state["model"])
             optimizers = state["optimizer"]
-            self.opt.load_state_dict(optimizers[self.rank if len(optimizers) > 1 else 0])
+            # Replicas that diverge each saved their optimizer: new rank r takes saved rank r mod N's.
+            self.opt.load_state_dict(optimizers[self.rank % len(optimizers)])
         self.sched.load_state_dict(state["scheduler"])
         self.precision.load_state_dict(state.get("scaler"))
-        self.train.load_state_dict(state["loaders"][self.rank])
-        restore_rng(state["rng"][self.rank], self.device)
+        # Any rank's loader state describes the whole world's position; merging checks they agree.
+        loaders = state["loaders"]
+        self.train.load_state_dict(TableLoader.merge_states(loaders) if resized else loaders[self.rank])
         keys = (state.get("strategy") or {}).get("keys", ["comm_hook"])
-        self.strategy.load_state_dict({k: state[k][self.rank] for k in keys if k in state})
+        if not resized:
+            restore_rng(state["rng"][self.rank], self.device)
+            self.strategy.load_state_dict({k: state[k][self.rank] for k in keys if k in state})
+        else:
+            self._remap_strategy_state(state, keys)
         self.step, self.start_epoch, self.history = state["step"], state["epoch"], state["history"]
         self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
+        elastic = state.get("elastic") or {}
+        self.global_samples = int(elastic.get("global_samples", self.step * self.global_batch))
+        if resized:
+            # A fresh stream per (seed, rank, step): a resized run is reproducible, and no two ranks share dropout.
+            _seed(self.cfg.seed + 1_000_003 * (self.step + 1) + self.rank)
+            left = self.train.batches_left // self.cfg.accumulation_steps \
+                if self.train.epoch == self.start_epoch else self.steps_per_epoch
+            total = self.step + left + self.steps_per_epoch * max(0, self.cfg.epochs - self.start_epoch - 1)
+            self.total = total if self.cfg.max_steps is None else min(self.cfg.max_steps, total)
+            self.strategy.set_total_steps(self.total)
+            if self.strategy.name in ("ssp", "async"):
+                self._restart_parameter_server()
+            self.resizes.append(self.resize.record(attempt=self.ctx.attempt, step=self.step, from_ranks=saved_world))
+        # The schedule's base lr is this world's (scale_lr) and the lr follows the global samples.
+        self.sched.base_lrs = [self.cfg.lr for _ in self.sched.base_lrs]
+        lrs = [b * self.sched.lr_lambdas[0](self.step) for b in self.sched.base_lrs]
+        for group, lr in zip(self.opt.param_groups, lrs):
+            group["lr"] = lr
+        self.sched._last_lr = lrs
+
+    def _remap_strategy_state(self, state: dict[str, Any], keys: list[str]) -> None:
+        """Per-rank strategy state of N saved ranks onto this world (rules: sparkdl.train.elastic)."""
+        name = self.strategy.name
+        if name in ("local_sgd", "easgd", "bmuf"):
+            # Global parts (anchor, outer optimizer, center, global model) are the same on every saved
+            # rank; every replica restarts from the consensus the checkpoint holds.
+            mine = {k: state[k][0] for k in keys if k in state}
+            mine["replica"] = state["model"]
+            self.strategy.load_state_dict(mine)
+        # allreduce: PowerSGD residuals are reset; ssp/async: see _restart_parameter_server; fedavg: nothing.
+
+    def _restart_parameter_server(self) -> None:
+        """Re-cut the shards from the consensus model for this world; every worker restarts at this step's clock."""
+        shard = self.strategy.shard
+        shard.clocks = [self.step] * self.world
+        shard.applied = self.step
 
     def close(self, ok: bool = False) -> None:
         if self.strategy is not None:
@@ -219,7 +284,7 @@ class _RankRun:
         return {"state_dict": state, "weights_uri": weights, "history": self.history, "steps": self.step,
                 "metrics": self.history[-1] if self.history else {}, "checkpoint": self.last_ckpt,
                 "train_version": self.train.version, "valid_version": self.valid.version if self.valid else None,
-                "strategy": self.strategy.describe()}
+                "strategy": self.strategy.describe(), "resizes": self.resizes, "world_size": self.world}
 
     def _epochs(self) -> None:
         cfg = self.cfg
@@ -233,8 +298,9 @@ class _RankRun:
             else:
                 self._epoch(epoch)
                 state = self.train.state_dict()
+                # The leg's batches, not len(): a resized epoch has fewer left than a whole one.
                 complete = state["epoch"] > epoch or \
-                    state["position"] >= self.steps_per_epoch * cfg.accumulation_steps
+                    state["position"] >= (self.train.epoch_batches // cfg.accumulation_steps) * cfg.accumulation_steps
             row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
             if self.epoch_loss[1]:
                 row["train_loss"] = self.epoch_loss[0] / self.epoch_loss[1]
@@ -305,6 +371,7 @@ class _RankRun:
         lr = self.sched.get_last_lr()[0]
         self.strategy.step(self.opt, self.precision, self.step)
         self.opt.zero_grad(set_to_none=True)
+        self.global_samples += self.global_batch
         self.sched.step()
         self.step += 1
         return loss_sum / ranks, lr
@@ -318,6 +385,7 @@ class _RankRun:
             loss_sum, ranks, samples = self.strategy.run_round(
                 self.step, forward_loss=self._forward_loss, guard=self.guard, precision=self.precision)
             self.samples += samples
+            self.global_samples += self.global_batch
             self.sched.step()
             self.step += 1
             self._straggle(started)
@@ -369,7 +437,10 @@ class _RankRun:
             "loaders": [g["loader"] for g in gathered], "rng": [g["rng"] for g in gathered],
             **{k: [g["strategy"][k] for g in gathered] for k in extra},
             "strategy": {"describe": self.strategy.describe(), "keys": sorted(extra)},
-            "step": self.step, "epoch": epoch, "history": self.history, "epoch_loss": self.epoch_loss})
+            "step": self.step, "epoch": epoch, "history": self.history, "epoch_loss": self.epoch_loss,
+            "elastic": {"base_ranks": self.base_ranks, "global_samples": self.global_samples,
+                        "schedule_samples": self.schedule_samples, "schedule_batch": self.schedule_batch,
+                        "resizes": self.resizes}})
 
     def _straggle(self, started: float) -> None:
         """Test/benchmark hook: the configured rank sleeps so its steps take ``factor`` times as long."""
@@ -388,6 +459,9 @@ class _RankRun:
             import os
 
             os._exit(17)
+        if fi["kind"] == "stall":  # a window for a test to take the executor away mid-epoch
+            time.sleep(float(fi.get("seconds", 60)))
+            return False
         if fi["kind"] == "raise":
             raise RuntimeError(f"injected fault at step {self.step + 1}")
         return fi["kind"] == kind
