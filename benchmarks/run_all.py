@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ("bench_etl.py", "bench_loader.py", "bench_launch.py", "bench_scaling.py", "bench_gpu.py", "bench_storage.py")
+SCRIPTS = ("bench_etl.py", "bench_loader.py", "bench_launch.py", "bench_scaling.py", "bench_gpu.py", "bench_storage.py",
+           "bench_strategies.py", "bench_parallelism.py")
 
 failed = []
 for script in SCRIPTS:

@@ -331,8 +331,10 @@ class _RankRun:
             sync = micro % accum == 0  # gradients are exchanged on the step's last micro-batch only
             with self.strategy.backward_sync(sync):
                 if self.strategy.owns_forward_backward:  # a pipeline schedule: loss on the last stage only
-                    loss = self.strategy.forward_backward(batch, label=self.label, loss_fn=self.loss_fn,
-                                                          precision=self.precision, scale=1 / accum)
+                    # weight_column is refused with a pipeline before launch (parallel/mesh.py)
+                    loss = self.strategy.forward_backward(
+                        batch, label=self.label, loss_fn=lambda out, y: self.task.loss(out, y, None),
+                        precision=self.precision, scale=1 / accum)
                     self.guard.add_loss(loss if loss is not None else torch.zeros((), device=self.device))
                 else:
                     loss = self._forward_loss(batch) / accum

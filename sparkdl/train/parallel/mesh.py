@@ -124,6 +124,9 @@ def check_parallelism(cfg: Any) -> None:
     if cfg.grad_clip is not None:
         raise bad("grad_clip", "clipping needs the norm over all stages, which the pipeline does not compute yet; "
                                "use grad_clip=None with parallelism='pipeline'")
+    if cfg.weight_column is not None:
+        raise bad("weight_column", "the pipeline's last stage receives only the label, not per-row weights; "
+                                   "use weight_column=None with parallelism='pipeline', or parallelism='fsdp'")
     if cfg.batch_size % cfg.microbatches:
         raise bad("microbatches", f"must divide batch_size={cfg.batch_size} (each micro-batch is batch_size / "
                                   "microbatches rows)")
