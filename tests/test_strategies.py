@@ -196,6 +196,8 @@ def test_fedavg_reports_the_epsilon_spent_by_the_rounds_run(lake):
     assert eps == sorted(eps) and eps[0] > 0
     assert eps[-1] == pytest.approx(dp_epsilon(1.1, 0.5, 4, 1e-5))
     assert math.isfinite(eps[-1])
+    # The lineage a published model carries names the strategy and its parameters as they ran.
+    assert result.lineage["strategy"]["name"] == "fedavg"
 
 
 @pytest.mark.parametrize("bad, field", [

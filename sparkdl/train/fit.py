@@ -311,6 +311,8 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
     if "nonfinite" in out:
         raise _nonfinite_error(out["nonfinite"])
     curves = _curves(run_dir, steps, out["history"])
+    if out.get("strategy"):  # the strategy and its parameters, as it ran
+        lineage = {**lineage, "strategy": out["strategy"]}
     if out.get("resizes"):  # every change of world size, with its policy and resulting lr/accumulation
         lineage = {**lineage, "resizes": out["resizes"]}
         _fs.write_text(_fs.join(run_dir, "resizes.json"), json.dumps(out["resizes"], indent=2))
