@@ -102,18 +102,18 @@ def test_model_config_naming_subprocess_runs_nothing_on_the_driver(tmp_path):
 
 
 def test_model_config_naming_subprocess_runs_nothing_in_a_predict_worker(spark, tmp_path):
-    from sparkdl.predict import _make_predict_fn_factory, predict_dataframe
+    from sparkdl.predict import predict_dataframe, score_batches
+    from sparkdl.tasks import make_task
 
     root, marker = str(tmp_path / "lake"), tmp_path / "pwned"
     _publish(root, "evil", "subprocess:check_call", {"args": ["touch", str(marker)]})
     df = spark.createDataFrame([([0.0, 1.0, 2.0, 3.0],)], "x array<float>")
     with pytest.raises(UntrustedModelError):  # refused on the driver, before any task
         predict_dataframe(df, lakehouse=root, model_name="evil").collect()
-    make = _make_predict_fn_factory(root, "evil", 1, ["x"], {})
-
-    def worker(_rows):  # what predict_batch_udf runs once per Python worker
+    def worker(_rows):  # what predict's mapInArrow runs in each Python worker
         try:
-            make()
+            next(score_batches(iter([]), lakehouse=root, model_name="evil", version=1, task=make_task("binary"),
+                               input_columns=["x"], keep_columns=[], specs={}, batch_size=8), None)
             yield "loaded"
         except UntrustedModelError as e:
             yield f"refused: {e}"
@@ -152,11 +152,11 @@ def test_registered_entry_point_and_allowlisted_factories_load(tmp_path, monkeyp
     monkeypatch.setenv("SPARKDL_TRUSTED_MODULES", "other, hard_trusted_models")
     assert isinstance(load_model(root, "mine")[0], hard_trusted_models.M)
     # Registered names need no allowlist.
-    from sparkdl.models import DigitsCNN
+    from sparkdl.models import ImageCNN, build_model
 
-    publish_model(root, "digits", model=DigitsCNN(channels=4), model_config={"factory": "digits_cnn",
-                  "kwargs": {"channels": 4}}, training_config={}, lineage={}, metrics={})
-    assert isinstance(load_model(root, "digits")[0], DigitsCNN)
+    publish_model(root, "digits", model=build_model("digits_cnn", channels=4), model_config={
+                  "factory": "digits_cnn", "kwargs": {"channels": 4}}, training_config={}, lineage={}, metrics={})
+    assert isinstance(load_model(root, "digits")[0], ImageCNN)
 
 
 # ----- 2. pickled checkpoints -----------------------------------------------------------------------------
