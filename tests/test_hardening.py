@@ -411,7 +411,8 @@ def test_train_job_checkpoint_missing_keys_is_one_line(tmp_path):
     ckpt = lake / "runs" / "r1" / "checkpoints" / "step-000000002.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"model": {}, "step": 2}, ckpt)
-    proc = _job("train", "--lakehouse", str(lake), "--train-table", "t", "--local-mode", "--num-ranks", "1",
+    proc = _job("train", "--lakehouse", str(lake), "--train-table", "t", "--model", "tabular_mlp", "--local-mode",
+                "--num-ranks", "1",
                 "--run-id", "r1", "--resume")
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = _one_line(proc, "sparkdl train failed:")
@@ -572,5 +573,5 @@ def test_collective_timeout_is_a_train_config_field():
     from sparkdl.train import TrainConfig
 
     with pytest.raises(ValueError, match="collective_timeout_s"):
-        TrainConfig(train_table="t", collective_timeout_s=0)
-    assert TrainConfig(train_table="t", collective_timeout_s=30).collective_timeout_s == 30
+        TrainConfig(train_table="t", model="tabular_mlp", collective_timeout_s=0)
+    assert TrainConfig(train_table="t", model="tabular_mlp", collective_timeout_s=30).collective_timeout_s == 30
