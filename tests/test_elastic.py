@@ -190,13 +190,14 @@ def test_other_strategies_resume_on_another_world_size(tmp_path, strategy):
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    _write_table(tmp_path)
     kw = dict(strategy=strategy, sync_every=2)
-    if strategy == "fedavg":
+    if strategy != "fedavg":
+        _write_table(tmp_path)
+    else:
         tbl = pa.table({"id": pa.array(range(64), pa.int64()), "client": pa.array([i % 6 for i in range(64)]),
                         "x": pa.FixedSizeListArray.from_arrays(pa.array(torch.randn(64 * 4).numpy()), 4),
                         "label": pa.array((torch.rand(64) > 0.5).float().numpy())})
-        write_deltalake(str(tmp_path / "tables" / "rows"), tbl, mode="overwrite")
+        write_deltalake(str(tmp_path / "tables" / "rows"), tbl)
         kw = dict(strategy="fedavg", fedavg_client_column="client", fedavg_clients_per_round=3, optimizer="sgd",
                   momentum=0.0)
     fit(_cfg(tmp_path, run_id="r", max_steps=3, checkpoint_every=3, epochs=1, **kw), progress=False)
