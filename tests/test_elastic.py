@@ -200,8 +200,9 @@ def test_other_strategies_resume_on_another_world_size(tmp_path, strategy):
         write_deltalake(str(tmp_path / "tables" / "rows"), tbl)
         kw = dict(strategy="fedavg", fedavg_client_column="client", fedavg_clients_per_round=3, optimizer="sgd",
                   momentum=0.0)
-    fit(_cfg(tmp_path, run_id="r", max_steps=3, checkpoint_every=3, epochs=1, **kw), progress=False)
-    res = fit(_cfg(tmp_path, run_id="r", resume=True, num_ranks=3, checkpoint_every=3, epochs=1, **kw),
+    epochs = 3 if strategy == "fedavg" else 1  # fedavg: 2 rounds an epoch (6 clients, 3 a round)
+    fit(_cfg(tmp_path, run_id="r", max_steps=3, checkpoint_every=3, epochs=epochs, **kw), progress=False)
+    res = fit(_cfg(tmp_path, run_id="r", resume=True, num_ranks=3, checkpoint_every=3, epochs=epochs, **kw),
               progress=False)
     assert res.lineage["resizes"][0]["to_ranks"] == 3 and res.steps > 3
     assert all(torch.isfinite(v).all() for v in _final(res).values())
