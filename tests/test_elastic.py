@@ -157,7 +157,8 @@ def test_resize_that_breaks_the_policy_or_cannot_reshard_is_refused_before_launc
     with pytest.raises(ValueError, match=r"keep_global_batch.*2 micro-batches.*not a multiple of 3"):
         fit(_cfg(lake, run_id="refused", resume=True, num_ranks=3, resize_policy="keep_global_batch"),
             progress=False)
-    with pytest.raises(ValueError, match=r"resize_policy"):
+    with pytest.raises(ValueError, match=r"checkpointed with num_ranks=2 but the config has num_ranks=3; resume "
+                                         r"with num_ranks=2, or set resize_policy"):
         fit(_cfg(lake, run_id="refused", resume=True, num_ranks=3, resize_policy=None), progress=False)
     # Sharded strategies hold their state on one device mesh: an elastic range is refused in the config.
     with pytest.raises(ValueError, match=r"parallelism='fsdp' cannot change its world size"):
