@@ -24,9 +24,6 @@ _RULES = {
              "(r mod N)'s optimizer state",
     "bmuf": "every replica restarts from the global model; global model and block momentum load as saved; new "
             "rank r takes saved rank (r mod N)'s optimizer state",
-    "ssp": "the parameter-server shards are re-cut from the consensus model for M shards; the shard optimizers' "
-           "state and the workers' clocks restart (every worker at clock 0); replicas start from the consensus",
-    "async": "as ssp",
     "fedavg": "no per-rank state: clients are reassigned (client j to rank j mod M) and rounds sample the same "
               "global client ids, so the rounds go on as before",
 }
@@ -84,6 +81,10 @@ def check_resizable(cfg: TrainConfig, strategy: str, *, saved_ranks: int, world:
         raise ValueError(f"the run was checkpointed by {saved_ranks} ranks with parallelism={cfg.parallelism!r}; its "
                          f"model and optimizer are sharded over that device mesh and sparkdl does not reshard them, "
                          f"so it cannot continue on {world} ranks: resume with num_ranks={saved_ranks}")
+    if strategy in ("ssp", "async"):
+        raise ValueError(f"strategy={strategy!r} keeps its parameter-server shards and their optimizer state cut "
+                         f"for {saved_ranks} ranks, and sparkdl does not re-cut them yet, so the run cannot continue "
+                         f"on {world} ranks: resume with num_ranks={saved_ranks} (or leave min_ranks/max_ranks unset)")
     if strategy not in _RULES:
         raise ValueError(f"strategy={strategy!r} has no resize rule; resume with num_ranks={saved_ranks}")
     if strategy == "easgd" and cfg.easgd_alpha > 1 / world:

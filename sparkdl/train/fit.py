@@ -208,6 +208,10 @@ def _resume_state(cfg: TrainConfig, run_dir: str) -> dict[str, Any]:
     loader = state["loaders"][0]
     saved_ranks = len(state["loaders"])
     base_ranks = int((state.get("elastic") or {}).get("base_ranks", saved_ranks))
+    if saved_ranks != cfg.num_ranks and cfg.resize_policy is None:
+        raise ValueError(f"run {cfg.run_id} was checkpointed with num_ranks={saved_ranks} but the config has "
+                         f"num_ranks={cfg.num_ranks}; resume with num_ranks={saved_ranks}, or set resize_policy="
+                         f"'scale_lr' or 'keep_global_batch' to continue on {cfg.num_ranks} ranks (docs/elastic.md)")
     if saved_ranks != cfg.num_ranks:  # another world size: refused here, before launch, when it cannot work
         strategy = ((state.get("strategy") or {}).get("describe") or {}).get("name", "allreduce")
         try:

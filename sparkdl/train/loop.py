@@ -227,8 +227,6 @@ class _RankRun:
             total = self.step + left + self.steps_per_epoch * max(0, self.cfg.epochs - self.start_epoch - 1)
             self.total = total if self.cfg.max_steps is None else min(self.cfg.max_steps, total)
             self.strategy.set_total_steps(self.total)
-            if self.strategy.name in ("ssp", "async"):
-                self._restart_parameter_server()
             self.resizes.append(self.resize.record(attempt=self.ctx.attempt, step=self.step, from_ranks=saved_world))
         # The schedule's base lr is this world's (scale_lr) and the lr follows the global samples.
         self.sched.base_lrs = [self.cfg.lr for _ in self.sched.base_lrs]
@@ -246,13 +244,7 @@ class _RankRun:
             mine = {k: state[k][0] for k in keys if k in state}
             mine["replica"] = state["model"]
             self.strategy.load_state_dict(mine)
-        # allreduce: PowerSGD residuals are reset; ssp/async: see _restart_parameter_server; fedavg: nothing.
-
-    def _restart_parameter_server(self) -> None:
-        """Re-cut the shards from the consensus model for this world; every worker restarts at this step's clock."""
-        shard = self.strategy.shard
-        shard.clocks = [self.step] * self.world
-        shard.applied = self.step
+        # allreduce: PowerSGD residuals are reset; fedavg: nothing per rank (ssp/async are refused).
 
     def close(self, ok: bool = False) -> None:
         if self.strategy is not None:
