@@ -209,4 +209,4 @@ def test_fedavg_reports_the_epsilon_spent_by_the_rounds_run(lake):
 ])
 def test_strategy_config_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
-        TrainConfig(train_table="t", **bad)
+        TrainConfig(train_table="t", model="tabular_mlp", **bad)
