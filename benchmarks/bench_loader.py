@@ -9,8 +9,9 @@ Side by side, in one run, on the same Parquet files (issue 12):
   queue). Petastorm needs pyarrow 14, so it runs in a side venv (``--petastorm-venv``, created on
   demand with the recipe of issue 12; never a dependency of the package);
 * ``noshuffle`` / ``shuffle``: ``TableLoader`` (world size 1) with shuffling off and on (default
-  shuffle buffer); ``shuffle-nocrc``: shuffled without page-checksum verification (the check's
-  cost); ``shuffle-wide``: shuffled with ``--wide-rows`` rows per shuffle block (the mixing knob);
+  shuffle buffer and lanes); ``shuffle-nocrc``: shuffled without page-checksum verification (the
+  check's cost); ``shuffle-nolanes``: shuffled with lanes off (``shuffle_window_bytes=None``, the
+  mixing lanes buy and what they cost); ``shuffle-wide``: shuffled with ``--wide-rows`` rows per shuffle block (the mixing knob);
   ``shuffle-queue``: blocks of ``--queue-block-rows`` ordered by a 100,000-row deterministic
   shuffling queue (``shuffle_queue_rows``, Petastorm's queue size).
 
@@ -45,10 +46,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SPARKDL_MODES = ("noshuffle", "shuffle", "shuffle-nocrc", "shuffle-wide", "shuffle-queue")
+SPARKDL_MODES = ("noshuffle", "shuffle", "shuffle-nocrc", "shuffle-nolanes", "shuffle-wide", "shuffle-queue")
 PETASTORM_MODES = ("petastorm", "petastorm-shuffle")
 MODES = ("limit", *PETASTORM_MODES, *SPARKDL_MODES)
-MIX_MODES = ("shuffle", "shuffle-wide", "shuffle-queue", "petastorm-shuffle")
+MIX_MODES = ("shuffle", "shuffle-nolanes", "shuffle-wide", "shuffle-queue", "petastorm-shuffle")
 PETASTORM_QUEUE = 100_000
 _PETASTORM_PACKAGES = ["pyspark==4.3.0", "petastorm", "pyarrow==14.0.2", "pandas<3", "numpy<2", "sympy", "networkx",
                        "jinja2", "filelock", "typing-extensions"]
@@ -146,13 +147,16 @@ def _child(args: argparse.Namespace) -> None:
 
         extra: dict[str, Any] = {}
         if mode == "shuffle-wide":
-            extra = {"shuffle_buffer_rows": args.wide_rows}
+            extra = {"shuffle_buffer_rows": args.wide_rows, "shuffle_window_bytes": None}
+        elif mode == "shuffle-nolanes":
+            extra = {"shuffle_window_bytes": None}
         elif mode == "shuffle-queue":
             extra = {"shuffle_buffer_rows": args.queue_block_rows, "shuffle_queue_rows": PETASTORM_QUEUE}
         cfg = LoaderConfig(batch_size=bs, shuffle=mode != "noshuffle", verify_checksums=mode != "shuffle-nocrc",
                            **extra)
         loader = TableLoader(files, config=cfg)
         out.update(bound=loader.memory_bound.total, bound_text=str(loader.memory_bound), block_rows=loader.block_rows,
+                   lanes=loader.shuffle_lanes,
                    one_batch=int(bs * loader._sizes.batch))
 
         def batches() -> Iterable[dict[str, Any]]:

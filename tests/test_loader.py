@@ -234,6 +234,79 @@ def test_state_after_full_epoch_and_mismatched_state(uneven_table):
             same.load_state_dict(old)
 
 
+@pytest.fixture(scope="session")
+def many_groups_table(tmp_path_factory) -> str:
+    """12,000 rows in one file of 10 row groups of 1,200 rows, ids in file order."""
+    return write_parts(tmp_path_factory.mktemp("lanes") / "t", [(12_000, 1200)])
+
+
+def _lanes_cfg(**kw) -> LoaderConfig:
+    # Blocks of 1,280 rows with stripes of >= 128 rows: 10 lanes fit the default window.
+    return cfg(batch_size=32, shuffle_buffer_rows=1280, drop_last=False, seed=5, **kw)
+
+
+def test_lanes_mix_every_batch_across_row_groups_and_keep_the_order_world_size_free(many_groups_table):
+    with TableLoader(many_groups_table, config=_lanes_cfg()) as one:
+        assert one.shuffle_lanes == 10
+        assert "lane row groups" in one.memory_bound.terms
+        one.set_epoch(1)
+        whole = ids_of(one)
+    with TableLoader(many_groups_table, config=_lanes_cfg(shuffle_window_bytes=None)) as flat:
+        assert flat.shuffle_lanes == 1
+        flat.set_epoch(1)
+        narrow = ids_of(flat)
+
+    def groups_per_batch(batches):
+        return float(np.mean([len({i // 1200 for i in b}) for b in batches if len(b) == 32]))
+
+    # 32 rows from a block of 1,280 rows, smaller than a row group: with 10 lanes they come from
+    # about 10 row groups, without lanes from 1 or 2.
+    assert groups_per_batch(whole) >= 8 > 2.5 >= groups_per_batch(narrow)
+    flat_ids = [i for b in whole for i in b]
+    assert sorted(flat_ids) == list(range(12_000))
+    # The order does not depend on the world size: 3 ranks read consecutive thirds of it.
+    per_rank = []
+    for rank in range(3):
+        with TableLoader(many_groups_table, rank=rank, world_size=3, config=_lanes_cfg()) as loader:
+            loader.set_epoch(1)
+            per_rank += [i for b in ids_of(loader) for i in b]
+    assert per_rank == flat_ids
+
+
+def test_a_memory_budget_lowers_the_lanes_before_the_shuffle_buffer(many_groups_table):
+    with TableLoader(many_groups_table, config=_lanes_cfg()) as free:
+        wide = free.memory_bound
+    budget = wide.total * 2 // 3
+    with TableLoader(many_groups_table, config=_lanes_cfg(max_memory_bytes=budget)) as tight:
+        assert 1 < tight.shuffle_lanes < 10 and tight.block_rows == 1280
+        assert tight.memory_bound.total <= budget
+        ids = [i for b in ids_of(tight) for i in b]
+    assert sorted(ids) == list(range(12_000))
+
+
+def test_lanes_resume_on_another_world_size_reads_each_remaining_row_once(many_groups_table):
+    states, taken = [], []
+    for rank in range(2):
+        with TableLoader(many_groups_table, rank=rank, world_size=2, config=_lanes_cfg()) as loader:
+            for i, batch in enumerate(loader):
+                taken += batch["id"].tolist()
+                if i == 20:
+                    states.append(loader.state_dict())
+                    break
+    state = TableLoader.merge_states(states)
+    assert state["shuffle_lanes"] == 10
+    rest = []
+    for rank in range(3):
+        with TableLoader(many_groups_table, rank=rank, world_size=3, config=_lanes_cfg()) as loader:
+            loader.load_state_dict(state)
+            rest += [i for b in ids_of(loader) for i in b]
+    assert len(rest) == len(set(rest)) and not set(rest) & set(taken)
+    assert len(taken) + len(rest) >= 12_000 - 2  # remainder="drop" leaves at most world_size - 1 out
+    with TableLoader(many_groups_table, config=_lanes_cfg(shuffle_window_bytes=None)) as other:
+        with pytest.raises(ValueError, match="shuffle_lanes=10.*shuffle_window_bytes"):
+            other.load_state_dict(state)
+
+
 # ---------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------

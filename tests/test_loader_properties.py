@@ -41,10 +41,10 @@ def table(tmp_path_factory) -> str:
     return path
 
 
-def _order(counts, block_rows, shuffle, seed, epoch) -> list[int]:
+def _order(counts, block_rows, shuffle, seed, epoch, lanes=1) -> list[int]:
     """The epoch's global order as row ids (rows numbered by piece, then row)."""
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    order = EpochOrder(counts, block_rows=block_rows, shuffle=shuffle, seed=seed, epoch=epoch)
+    order = EpochOrder(counts, block_rows=block_rows, shuffle=shuffle, seed=seed, epoch=epoch, lanes=lanes)
     out: list[int] = []
     for k in range(order.num_blocks):
         rows = [int(offsets[s.piece]) + r for s in order.block_segments(k) for r in range(s.start, s.stop)]
@@ -56,14 +56,32 @@ def _order(counts, block_rows, shuffle, seed, epoch) -> list[int]:
 counts_st = st.lists(st.integers(0, 40), min_size=1, max_size=25).filter(lambda c: sum(c) > 0)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(counts=counts_st, block=st.integers(1, 60), shuffle=st.booleans(), seed=st.integers(0, 2**31),
-       epoch=st.integers(0, 50))
-def test_epoch_order_is_a_permutation_of_every_row(counts, block, shuffle, seed, epoch):
-    order = _order(counts, block, shuffle, seed, epoch)
+       epoch=st.integers(0, 50), lanes=st.integers(1, 9))
+def test_epoch_order_is_a_permutation_of_every_row(counts, block, shuffle, seed, epoch, lanes):
+    order = _order(counts, block, shuffle, seed, epoch, lanes)
     assert sorted(order) == list(range(sum(counts)))
     if not shuffle:
         assert order == list(range(sum(counts)))
+
+
+def test_lanes_make_every_block_mix_rows_from_across_the_table():
+    # 40 row groups of 1,000 rows, blocks of 800 rows (less than a row group): without lanes a
+    # block holds rows of one or two row groups; with 8 lanes, of at least 8, from all over.
+    counts = [1000] * 40
+    for lanes, fewest in ((1, 1), (8, 8)):
+        order = EpochOrder(counts, block_rows=800, shuffle=True, seed=1, epoch=0, lanes=lanes)
+        groups = [len({s.piece for s in order.block_segments(k)}) for k in range(order.num_blocks)]
+        assert min(groups) >= fewest
+        if lanes == 1:
+            assert max(groups) <= 2
+        else:
+            spread = [max(s.piece for s in order.block_segments(k)) - min(s.piece for s in order.block_segments(k))
+                      for k in range(order.num_blocks)]
+            assert np.median(spread) > 20  # pieces are permuted, so ids of a block's groups spread out
+    # Unshuffled, lanes do not apply: the file order stays.
+    assert _order(counts[:3], 800, False, 1, 0, lanes=8) == list(range(3000))
 
 
 @settings(max_examples=200, deadline=None)

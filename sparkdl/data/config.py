@@ -40,6 +40,17 @@ class LoaderConfig:
     """Rows of a canonical shuffle block: consecutive rows of the epoch's row-group stream read and
     shuffled together. Bigger mixes better (a batch draws from more row groups) and costs memory;
     it is also the unit a resume skips without reading. Part of the order: a resume needs the same."""
+    shuffle_window_bytes: int | None = 256 * 2**20
+    """Decoded bytes of row groups the shuffle may hold open at once, to mix widely: the epoch's
+    row-group stream is cut into K lanes that every shuffle block takes an equal stripe of, so a
+    batch mixes rows of about K row groups spread over the whole table (Mosaic Streaming's
+    shuffles do this with shards). K is the most that keeps the bound's row-group term
+    (``TableLoader.memory_bound``, "lane row groups") within this, at most one per row group and
+    per 128 rows of shuffle_buffer_rows (``TableLoader.shuffle_lanes``). Its costs: this memory,
+    and up to about one window of extra decoding per rank per epoch (a rank reads the row groups
+    at both ends of its part of every lane whole). None (or a window too small for two lanes)
+    turns lanes off: each block is consecutive rows of the row-group stream, so a batch mixes
+    only the row groups one shuffle buffer spans. Part of the order: a resume needs the same K."""
     shuffle_queue_rows: int | None = None
     """None: each shuffle block is read whole and its rows permuted uniformly (memory grows with
     shuffle_buffer_rows). A row count C: each block's rows are ordered by a deterministic
@@ -94,6 +105,12 @@ class LoaderConfig:
             raise ValueError(
                 f"LoaderConfig.remainder={self.remainder!r} must be one of {list(REMAINDER_POLICIES)}, "
                 "e.g. remainder='drop'"
+            )
+        w = self.shuffle_window_bytes
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(
+                f"LoaderConfig.shuffle_window_bytes={w!r} must be a positive number of bytes, e.g. "
+                f"shuffle_window_bytes={256 * 2**20} for 256 MiB, or None to turn lanes off"
             )
         q = self.shuffle_queue_rows
         if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):

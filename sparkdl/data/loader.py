@@ -27,7 +27,7 @@ import torch
 
 from sparkdl.data.config import REMAINDER_POLICIES, LoaderConfig
 from sparkdl.data.decode import build_decoders, concat_batches, cut_batch, cut_batches, decode_block
-from sparkdl.data.memory import MemoryBound, fit_block_rows, memory_bound, row_sizes
+from sparkdl.data.memory import MIN_STRIPE_ROWS, MemoryBound, choose_lanes, fit_block_rows, memory_bound, row_sizes
 from sparkdl.data.plan import (
     EpochOrder,
     Interval,
@@ -52,7 +52,12 @@ __all__ = ["TableLoader"]
 Batch = dict[str, Any]
 # Keys of state_dict() that must match on load_state_dict() for "resume at the next row" to hold.
 # (The world size, rank, batch size, drop_last and remainder may differ: see load_state_dict.)
-_STATE_MUST_MATCH = ("source", "filter", "seed", "version", "num_rows", "shuffle", "block_rows", "shuffle_queue_rows")
+_STATE_MUST_MATCH = ("source", "filter", "seed", "version", "num_rows", "shuffle", "block_rows", "shuffle_queue_rows",
+                     "shuffle_lanes")
+_STATE_HINTS = {
+    "shuffle_lanes": "; the lanes follow LoaderConfig.shuffle_window_bytes, shuffle_buffer_rows, the columns loaded "
+                     "and the table's row-group sizes: set shuffle_window_bytes as when it was saved (None for 1 lane)",
+}
 _STOPPED_MESSAGE = (
     "this iteration was stopped: the loader was closed, or set_epoch(), load_state_dict() or a new "
     "iteration started while it ran"
@@ -225,11 +230,10 @@ class TableLoader:
                 f"batch_size={self.config.batch_size}, and drop_last=True drops it; lower batch_size or "
                 "set drop_last=False"
             )
-        self._reader = PieceReader(self._source, pieces, fragments, columns, filter,
-                                   verify_checksums=self.config.verify_checksums)
         self._sizes = row_sizes(self._source.schema, self._decoders, fragments)
+        group_rows = max(int(f.row_groups[0].num_rows) for f in fragments)
         bound_args = dict(
-            group_rows=max(int(f.row_groups[0].num_rows) for f in fragments),
+            group_rows=group_rows,
             prefetch_batches=self.config.prefetch_batches,
             max_bytes_in_flight=self.config.max_bytes_in_flight,
             pin=self._pin,
@@ -247,19 +251,41 @@ class TableLoader:
                       and self.config.max_bytes_in_flight is None)
         self._queue_items = _LAZY_BLOCKS if self._lazy else self.config.prefetch_batches
         bound_args["held_blocks"] = _LAZY_BLOCKS + 1 if self._lazy else None
+        queue = self.config.shuffle_queue_rows if self.config.shuffle else None
+        lanes = 1
+        if self.config.shuffle and queue is None:
+            lanes = choose_lanes(self.config.shuffle_window_bytes, arrow_row_bytes=self._sizes.arrow,
+                                 block_rows=block_rows, group_rows=group_rows, pieces=len(pieces))
         if self._copy:
-            block_rows = fit_block_rows(
-                self.config.max_memory_bytes, self.config.block_rows, batch_size=self.config.batch_size,
-                sizes=self._sizes, **bound_args,
-            )
+            while True:
+                try:
+                    block_rows = fit_block_rows(
+                        self.config.max_memory_bytes, self.config.block_rows, batch_size=self.config.batch_size,
+                        sizes=self._sizes, lanes=lanes, **bound_args,
+                    )
+                    break
+                except ValueError:
+                    if lanes == 1:
+                        raise
+                    # Fewer lanes before a smaller buffer: the budget holds whole row groups per lane.
+                    lanes = lanes // 2 if lanes > 3 else 1
+            if block_rows // lanes < MIN_STRIPE_ROWS:
+                lanes = max(block_rows // MIN_STRIPE_ROWS, 1) if block_rows >= 2 * MIN_STRIPE_ROWS else 1
         self.block_rows = block_rows
         """Rows of a canonical shuffle block: LoaderConfig.shuffle_buffer_rows, or under
         max_memory_bytes the largest whole number of batches up to it that fits the budget."""
-        queue = self.config.shuffle_queue_rows if self.config.shuffle else None
+        self.shuffle_lanes = lanes
+        """Lanes K of the shuffle (LoaderConfig.shuffle_window_bytes): a batch mixes rows of about K
+        row groups; 1 when shuffling is off, lanes are off, or shuffle_queue_rows is set."""
+        # Lanes keep each lane's row group open across blocks; otherwise the last one read is
+        # kept, for the block after it that usually shares it.
+        self._reader = PieceReader(self._source, pieces, fragments, columns, filter,
+                                   verify_checksums=self.config.verify_checksums,
+                                   cache_pieces=None if lanes > 1 else 1)
         self.memory_bound: MemoryBound = memory_bound(
             self._sizes, block_rows=block_rows if queue is None else min(block_rows, _QUEUE_WINDOW_ROWS),
             batch_size=self.config.batch_size, views=not self._copy, queue_rows=queue,
-            order_rows=min(block_rows, self.num_rows), **bound_args
+            order_rows=min(block_rows, self.num_rows), lanes=lanes, **bound_args
         )
         """What the loader's buffers may hold at once (bytes), besides the consumer's batch."""
         self.epoch = 0
@@ -350,6 +376,7 @@ class TableLoader:
             "shuffle_buffer_rows": cfg.shuffle_buffer_rows,
             "shuffle_queue_rows": cfg.shuffle_queue_rows,
             "block_rows": self.block_rows,
+            "shuffle_lanes": self.shuffle_lanes,
             "drop_last": cfg.drop_last,
             "remainder": cfg.remainder,
             "batches_per_epoch": self._len,
@@ -379,6 +406,8 @@ class TableLoader:
         (the batches it would have yielded). Otherwise the rows of the epoch not yet handed out
         by any rank are split afresh over this world (a new *leg*): every one of them once,
         equal batches on every rank, under this loader's ``remainder`` and ``drop_last``."""
+        if "shuffle_lanes" not in state:  # saved before lanes existed: its order had one lane
+            state = {**state, "shuffle_lanes": 1}
         missing = [k for k in ("epoch", "position", *_STATE_MUST_MATCH, *_LEG_KEYS) if k not in state]
         if missing:
             old = "consumed" in missing and "epoch" not in missing
@@ -392,7 +421,7 @@ class TableLoader:
             if state[key] != mine[key]:
                 raise ValueError(
                     f"loader state was saved with {key}={state[key]!r} but this loader has {key}={mine[key]!r}; "
-                    f"a resume needs the same {key} (pass it to TableLoader/LoaderConfig)"
+                    f"a resume needs the same {key} (pass it to TableLoader/LoaderConfig){_STATE_HINTS.get(key, '')}"
                 )
         flat = [int(x) for x in state["consumed"]]
         leg = _Leg(
@@ -433,7 +462,8 @@ class TableLoader:
             per_rank, batches, mine = self._leg_plan(leg, self.rank)
             if start < batches:
                 order = EpochOrder(self._counts, block_rows=self.block_rows, shuffle=self.config.shuffle,
-                                   seed=self.config.seed, epoch=epoch, queue_rows=self.config.shuffle_queue_rows)
+                                   seed=self.config.seed, epoch=epoch, queue_rows=self.config.shuffle_queue_rows,
+                                   lanes=self.shuffle_lanes)
                 rows_out = min(per_rank, batches * leg.batch_size)  # drop_last cuts the tail
                 stream = slice_intervals(mine, start * leg.batch_size, rows_out)
                 prefetcher = Prefetcher(
@@ -474,12 +504,17 @@ class TableLoader:
     ) -> Iterator[tuple[dict[str, Any], Callable[[int], str], int]]:
         """The rank's rows, decoded, in stream order, as (rows, where, row count) chunks: one per
         block visit, or (shuffling queue) a few per visit."""
-        for visit in visits:
+        for i, visit in enumerate(visits):
             if order.shuffle and order.queue_rows is not None:
                 yield from self._queue_windows(order, visit)
-            else:
-                rows, where = self._read_visit(order, visit)
-                yield rows, where, visit.num_rows
+                continue
+            rows, where = self._read_visit(order, visit)
+            if order.lanes > 1:
+                # A lane's row group is used by consecutive blocks: keep those the next block
+                # reads again, drop the ones lanes have moved past.
+                nxt = order.block_segments(visits[i + 1].block) if i + 1 < len(visits) else []
+                self._reader.retain({s.piece for s in nxt})
+            yield rows, where, visit.num_rows
 
     def _queue_windows(
         self, order: EpochOrder, visit: Visit
@@ -534,6 +569,13 @@ class TableLoader:
         read whole, then one ``take`` in the shuffled order (a slice when unshuffled)."""
         reader = self._reader
         segs = order.block_segments(visit.block)
+        if order.lanes > 1:
+            missing = reader.missing(segs)
+            if len(missing) > 1:
+                # The first block of lanes needs a row group per lane at once: two at a time
+                # decode faster than Arrow's own column threads manage on one.
+                with ThreadPoolExecutor(2, thread_name_prefix="sparkdl-loader-lanes") as pool:
+                    list(pool.map(reader.read_piece, missing))
         table = reader.read(segs)
         perm = order.block_permutation(visit.block)
         if perm is None and len(visit.ranges) == 1:

@@ -10,6 +10,10 @@ row group it reads, ``B`` = batch size):
 * the waiting batches: ``max_bytes_in_flight``, else ``prefetch_batches`` batches;
 * the batch the producer holds while it waits to hand it over (twice when pinning), and
   the Arrow rows of an image/string batch being gathered;
+* with K > 1 shuffle lanes (``LoaderConfig.shuffle_window_bytes``), the two blocks' row groups
+  are those the reader keeps open instead: the pieces of every lane that the current and the
+  read-ahead block touch, at most ``2S/K + 2G`` rows per lane, so ``2S + 2KG`` rows in all
+  ("lane row groups"); each block is then a gathered copy of ``S`` rows;
 * with ``shuffle_queue_rows`` (Q), the rows still in the queue, at most ``2Q + G`` in Arrow
   form; the "blocks" above are then the windows of rows gathered from it.
 
@@ -35,7 +39,10 @@ import torch
 
 from sparkdl.data.decode import ColumnDecoder
 
-__all__ = ["RowSizes", "MemoryBound", "row_sizes", "memory_bound", "fit_block_rows"]
+__all__ = ["RowSizes", "MemoryBound", "row_sizes", "memory_bound", "fit_block_rows", "lane_rows", "choose_lanes"]
+
+# Fewest rows of a lane's stripe in a block: thinner stripes only add slices per block.
+MIN_STRIPE_ROWS = 128
 
 # torch dtype widths of the Arrow types the decoder converts (see decode._scalar_tensor).
 _TENSOR_WIDTH_OVERRIDE = {pa.uint16(): 4, pa.uint32(): 8, pa.uint64(): 8}
@@ -199,6 +206,7 @@ def memory_bound(
     held_blocks: int | None = None,
     queue_rows: int | None = None,
     order_rows: int = 0,
+    lanes: int = 1,
 ) -> MemoryBound:
     """The bytes the loader's buffers may hold at once with these settings; ``views``: batches
     are views of their block, so the waiting batches keep earlier blocks alive."""
@@ -209,9 +217,18 @@ def memory_bound(
     waiting = one_batch if views else prefetch_batches * one_batch
     if max_bytes_in_flight is not None:
         waiting = max(min(waiting, max_bytes_in_flight), one_batch)
-    terms = {
-        "read-ahead block": (S + 2 * G) * sizes.arrow + G * sizes.compressed,
-        "current block": (S + 2 * G) * sizes.arrow + S * (sizes.block + sizes.widest),
+    if lanes > 1:
+        terms = {
+            "lane row groups": lane_rows(S, G, lanes) * sizes.arrow + G * sizes.compressed,
+            "read-ahead block": S * sizes.arrow,
+            "current block": S * (sizes.arrow + sizes.block + sizes.widest),
+        }
+    else:
+        terms = {
+            "read-ahead block": (S + 2 * G) * sizes.arrow + G * sizes.compressed,
+            "current block": (S + 2 * G) * sizes.arrow + S * (sizes.block + sizes.widest),
+        }
+    terms |= {
         "waiting batches": waiting,
         "batch being handed over": one_batch * (2 if pin else 1) + B * sizes.arrow_objects,
     }
@@ -228,9 +245,33 @@ def memory_bound(
         # a view keeps its block's tensors alive (unshuffled: the row group's Arrow buffers).
         held = held_blocks if held_blocks is not None else min(
             prefetch_batches + 1, -(-(prefetch_batches + 1) * B // S) + 1)
-        terms["blocks behind waiting views"] = held * (S * max(sizes.block, sizes.arrow) + G * sizes.arrow)
+        # Unshuffled (never lanes), a view may keep the row group's Arrow buffers alive; a
+        # gathered block holds none of its row groups.
+        behind = 0 if lanes > 1 else G * sizes.arrow
+        terms["blocks behind waiting views"] = held * (S * max(sizes.block, sizes.arrow) + behind)
     ints = {k: int(math.ceil(v)) for k, v in terms.items()}
     return MemoryBound(total=sum(ints.values()), terms=ints, block_rows=S, group_rows=G, estimated=sizes.estimated)
+
+
+def lane_rows(block_rows: int, group_rows: int, lanes: int) -> int:
+    """Rows of the row groups a lanes reader keeps open at most: per lane, those the current and
+    the read-ahead block touch (``2S/K`` consecutive lane rows, plus a row group at each end)."""
+    return 2 * block_rows + 2 * lanes * group_rows
+
+
+def choose_lanes(
+    window_bytes: int | None, *, arrow_row_bytes: float, block_rows: int, group_rows: int, pieces: int
+) -> int:
+    """The most lanes K whose open row groups (:func:`lane_rows`) fit ``window_bytes``, with at
+    most one lane per piece and stripes of at least MIN_STRIPE_ROWS rows; 1 (lanes off) when
+    fewer than two fit or ``window_bytes`` is None."""
+    if window_bytes is None:
+        return 1
+    most = min(pieces, block_rows // MIN_STRIPE_ROWS)
+    per_row = max(arrow_row_bytes, 1e-9)
+    fit = int((window_bytes / per_row - 2 * block_rows) // (2 * max(group_rows, 1)))
+    k = min(most, fit)
+    return k if k >= 2 else 1
 
 
 def fit_block_rows(budget: int, block_rows: int, *, batch_size: int, **kwargs: object) -> int:

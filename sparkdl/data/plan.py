@@ -11,6 +11,15 @@ and the rows of block k are permuted with ``RNG(seed, epoch, k)``. The result, t
 *order*, is a fixed sequence of the N rows for a given table version, seed, epoch and buffer;
 positions in it are what the plan talks about.
 
+**Lanes.** With ``lanes`` K > 1 (shuffling only), the rotated piece stream is cut, at the piece
+boundaries nearest to multiples of N / K, into K *lanes*, and the order interleaves them in R
+rounds of *stripes* (about ``block_rows // K`` rows; lane l's stripe is ``len(l) / R`` rows, so
+all lanes end together): stripe 0 of lane 0, of lane 1, ..., of lane K-1, then stripe 1 of
+each, and so on; blocks then cut that interleaved stream. So every block, and
+every batch cut from it, mixes rows of about K row groups from K different stretches of the
+table, while a reader holds only the row groups each lane is in (about K, read one at a time as
+lanes move on), never K blocks. The lanes are a function of N and K only: still no world size.
+
 With ``shuffle_queue_rows`` set, a block's rows are ordered instead by a deterministic shuffling
 queue of that many rows (:func:`reservoir_permutation`), so big blocks mix many row groups in
 little memory: a reader holds only the rows still in the queue, not the whole block.
@@ -127,7 +136,10 @@ class EpochOrder:
         seed: int,
         epoch: int,
         queue_rows: int | None = None,
+        lanes: int = 1,
     ) -> None:
+        if isinstance(lanes, bool) or not isinstance(lanes, (int, np.integer)) or lanes < 1:
+            raise ValueError(f"lanes={lanes!r} must be a positive integer")
         counts = np.asarray(counts, dtype=np.int64)
         self.queue_rows = queue_rows
         self.total = int(counts.sum())
@@ -144,6 +156,39 @@ class EpochOrder:
             self._rotation = 0
         self._bounds = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts[self._order], out=self._bounds[1:])
+        self.lanes = int(lanes) if shuffle else 1
+        # Interleaved stream -> rotated piece stream: stripe i covers interleaved positions
+        # [_stripe_pos[i], _stripe_pos[i + 1]) and starts at rotated-stream row _stripe_src[i].
+        self._stripe_pos: np.ndarray | None = None
+        self._stripe_src: np.ndarray | None = None
+        if self.lanes > 1 and self.total:
+            self._build_lanes()
+
+    def _build_lanes(self) -> None:
+        # Lanes split the *rotated* stream at piece boundaries, so a row group belongs to one
+        # lane and is read once an epoch (only the one the rotation cuts is read twice). Lanes
+        # are then only about N / K rows long, so each takes an equal share of R rounds.
+        n = self.total
+        ends = np.cumsum([s.num_rows for s in self._rotated(0, n)], dtype=np.int64)
+        targets = np.arange(1, self.lanes, dtype=np.int64) * n // self.lanes
+        right = np.minimum(np.searchsorted(ends, targets), len(ends) - 1)
+        left = np.maximum(right - 1, 0)
+        nearest = np.where(np.abs(ends[left] - targets) <= np.abs(ends[right] - targets), ends[left], ends[right])
+        edges = np.unique(np.concatenate([[0], nearest, [n]]))
+        lengths = np.diff(edges)
+        self.lanes = len(lengths)
+        if self.lanes < 2:
+            return
+        stripe = max(1, self.block_rows // self.lanes)
+        rounds = -(-int(lengths.max()) // stripe)
+        r = np.arange(rounds + 1, dtype=np.int64)[:, None]
+        cuts = r * lengths[None, :] // rounds  # lane rows where each round starts
+        sizes = np.diff(cuts, axis=0).ravel()
+        src = (edges[:-1][None, :] + cuts[:-1]).ravel()
+        keep = sizes > 0
+        self._stripe_src = src[keep]
+        self._stripe_pos = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+        np.cumsum(sizes[keep], out=self._stripe_pos[1:])
 
     @property
     def num_blocks(self) -> int:
@@ -167,15 +212,35 @@ class EpochOrder:
             i += 1
         return out
 
-    def block_segments(self, k: int) -> list[Segment]:
-        """The rows of canonical block k, before its permutation, as piece segments."""
-        lo = k * self.block_rows + self._rotation
-        hi = lo + self.block_size(k)
+    def _rotated(self, start: int, stop: int) -> list[Segment]:
+        """Rows ``[start, stop)`` of the piece stream rotated by the epoch's offset."""
+        lo, hi = start + self._rotation, stop + self._rotation
         if lo >= self.total:
             return self._stream(lo - self.total, hi - self.total)
         if hi <= self.total:
             return self._stream(lo, hi)
         return self._stream(lo, self.total) + self._stream(0, hi - self.total)
+
+    def _interleaved(self, start: int, stop: int) -> list[Segment]:
+        """Rows ``[start, stop)`` of the lanes' interleaved stream as piece segments."""
+        pos, src = self._stripe_pos, self._stripe_src
+        if pos is None or src is None:
+            return self._rotated(start, stop)
+        out: list[Segment] = []
+        i = int(np.searchsorted(pos, start, side="right")) - 1
+        while i < len(src) and pos[i] < stop:
+            lo, hi = max(start, int(pos[i])), min(stop, int(pos[i + 1]))
+            first = int(src[i]) + lo - int(pos[i])
+            out += self._rotated(first, first + hi - lo)
+            i += 1
+        return out
+
+    def block_segments(self, k: int) -> list[Segment]:
+        """The rows of canonical block k, before its permutation, as piece segments."""
+        lo = k * self.block_rows
+        if self._stripe_pos is not None:
+            return self._interleaved(lo, lo + self.block_size(k))
+        return self._rotated(lo, lo + self.block_size(k))
 
     def block_permutation(self, k: int) -> np.ndarray | None:
         """Row order inside block k: ``perm[i]`` is the block row at position i (None without

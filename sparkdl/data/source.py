@@ -253,8 +253,9 @@ def list_pieces(
 class PieceReader:
     """Reads segments of pieces (projected, filtered) as one Arrow table.
 
-    Keeps the last piece it read: consecutive blocks of a rank's stream usually share a
-    row group at their boundary, which is then read once, not twice.
+    Keeps the last ``cache_pieces`` pieces it read (None: all, until :meth:`retain` drops
+    them): consecutive blocks of a rank's stream usually share a row group at their boundary,
+    and with shuffle lanes every block reads a stripe of each lane's open row group.
     """
 
     def __init__(
@@ -266,20 +267,24 @@ class PieceReader:
         flt: ds.Expression | None,
         *,
         verify_checksums: bool = True,
+        cache_pieces: int | None = 1,
     ) -> None:
         self._source = source
         self._pieces = pieces
         self._fragments = fragments
         self._columns = columns
         self._filter = flt
-        self._cached: tuple[int, pa.Table] | None = None
+        self._capacity = cache_pieces
+        # Rebound, never mutated in place by clear()/retain(): the read-ahead thread may be reading.
+        self._cache: dict[int, pa.Table] = {}
         # A flipped bit in a data page otherwise decodes into wrong values without any error;
         # pages written without a CRC (some writers omit it) are read unverified.
         self._scan_options = ds.ParquetFragmentScanOptions(page_checksum_verification=verify_checksums)
 
     def read_piece(self, index: int) -> pa.Table:
-        if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
         piece = self._pieces[index]
         try:
             table = self._fragments[index].to_table(
@@ -301,7 +306,11 @@ class PieceReader:
                 f"rows now but {piece.num_rows} when the loader was planned; the file changed underneath "
                 "the loader (Delta data files must be immutable: rewrite tables as new versions)"
             )
-        self._cached = (index, table)
+        cache = self._cache
+        if self._capacity is not None and len(cache) >= self._capacity:
+            cache = dict(list(cache.items())[len(cache) - self._capacity + 1:]) if self._capacity > 1 else {}
+        cache[index] = table
+        self._cache = cache
         return table
 
     def read(self, segments: Sequence[Segment]) -> pa.Table:
@@ -310,8 +319,17 @@ class PieceReader:
             return parts[0]
         return pa.concat_tables(parts)
 
+    def missing(self, segments: Sequence[Segment]) -> list[int]:
+        """The pieces of ``segments`` not cached, each once, in order."""
+        cache = self._cache
+        return list(dict.fromkeys(s.piece for s in segments if s.piece not in cache))
+
     def clear(self) -> None:
-        self._cached = None
+        self._cache = {}
+
+    def retain(self, pieces: set[int]) -> None:
+        """Drop the cached pieces not in ``pieces``."""
+        self._cache = {i: t for i, t in self._cache.items() if i in pieces}
 
     def locate(self, segments: Sequence[Segment], row: int) -> str:
         """Where row ``row`` of the concatenation of ``segments`` lives, for error messages."""
