@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     docs = _field_docs(TrainConfig)
     floats = ("lr", "grad_clip", "momentum", "weight_decay", "start_timeout_s", "collective_timeout_s", "outer_lr",
               "outer_momentum", "easgd_alpha", "bmuf_block_momentum", "bmuf_block_lr", "ps_timeout_s", "fedavg_local_lr",
-              "dp_clip", "dp_noise_multiplier", "dp_delta")
+              "dp_clip", "dp_noise_multiplier", "dp_delta", "ddp_bucket_cap_mb")
     optional_ints = ("train_version", "valid_version", "max_steps", "fedavg_clients_per_round", "num_classes",
                      "data_parallel_size")
     for f in dataclasses.fields(TrainConfig):

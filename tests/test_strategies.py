@@ -86,6 +86,32 @@ def test_local_sgd_with_h1_equals_allreduce_and_h4_differs(spark, lake, allreduc
     _assert_differ(_model(h4), _model(allreduce_sgd))
 
 
+def test_allreduce_bucket_knobs_change_no_parameter(spark, lake, allreduce_sgd):
+    # Copies into .grad (view off) and several small buckets instead of one: the same sums, the same model.
+    knobs = fit(_cfg(lake, run_id="ar-buckets", ddp_bucket_view=False, ddp_bucket_cap_mb=0.01), spark=spark)
+    _assert_close(_model(knobs), _model(allreduce_sgd))
+    assert knobs.lineage["strategy"]["ddp_bucket_view"] is False
+
+
+def test_allreduce_bucket_knobs_reach_ddp():
+    import torch.distributed as dist
+
+    from sparkdl.train.strategies.allreduce import AllReduce
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        default = AllReduce(TrainConfig(train_table="t", model="tabular_mlp"), device=torch.device("cpu"))
+        ddp = default.wrap(torch.nn.Linear(4, 2))
+        assert ddp.gradient_as_bucket_view is True
+        set_ = AllReduce(TrainConfig(train_table="t", model="tabular_mlp", ddp_bucket_view=False,
+                                     ddp_bucket_cap_mb=2.0), device=torch.device("cpu"))
+        ddp = set_.wrap(torch.nn.Linear(4, 2))
+        assert ddp.gradient_as_bucket_view is False and ddp.bucket_bytes_cap == 2 * 2**20
+        assert set_.describe()["ddp_bucket_cap_mb"] == 2.0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bmuf_without_momentum_equals_model_averaging(spark, lake):
     avg = fit(_cfg(lake, run_id="lsgd-h4b", strategy="local_sgd", sync_every=4), spark=spark)
     bmuf = fit(_cfg(lake, run_id="bmuf-plain", strategy="bmuf", sync_every=4, bmuf_block_momentum=0.0,
@@ -205,7 +231,9 @@ def test_fedavg_reports_the_epsilon_spent_by_the_rounds_run(lake):
     ({"sync_every": 0}, "sync_every"), ({"easgd_alpha": 0.9}, "easgd_alpha"), ({"staleness": -1}, "staleness"),
     ({"strategy": "local_sgd", "compression": "fp16"}, "compression"), ({"dp_clip": 1.0}, "dp_clip"),
     ({"bmuf_block_momentum": 1.0}, "bmuf_block_momentum"), ({"straggler": {"rank": 5, "factor": 2}}, "straggler"),
-    ({"outer_lr": 0.0}, "outer_lr"),
+    ({"outer_lr": 0.0}, "outer_lr"), ({"ddp_bucket_cap_mb": 0}, "ddp_bucket_cap_mb"),
+    ({"strategy": "local_sgd", "ddp_bucket_view": False}, "ddp_bucket_view"),
+    ({"parallelism": "fsdp", "ddp_bucket_cap_mb": 8}, "ddp_bucket_cap_mb"),
 ])
 def test_strategy_config_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

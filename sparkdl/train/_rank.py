@@ -166,29 +166,21 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
                 os.environ[k] = v
 
 
-def barrier_task(payload: bytes, attempt: int, _rows: Iterator[Any]) -> Iterator[bytes]:
-    """Body of one barrier task: rank = partition id. Rank 0 listens for the TCPStore on its
-    executor's address (the one Spark's barrier tasks already reach it by), on a kernel-picked
-    port, and publishes host:port via allGather."""
+def barrier_task(payload: bytes, attempt: int, master: str, _rows: Iterator[Any]) -> Iterator[bytes]:
+    """Body of one barrier task: rank = partition id. ``master`` is the driver's rendezvous store
+    (host:port); gloo/NCCL listen on this task's executor address, as Spark's barrier tasks see it."""
     from pyspark import BarrierTaskContext
 
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
-    hosts = [i.address.rsplit(":", 1)[0] for i in ctx.getTaskInfos()]
+    hosts = [i.address.rsplit(":", 1)[0] for i in ctx.getTaskInfos()]  # local: no barrier RPC
     host = hosts[rank]
-    sock = listen_socket(host) if rank == 0 else None
-    try:
-        master = ctx.allGather(f"{host}:{sock.getsockname()[1]}" if sock is not None else "")[0]
-    except BaseException:
-        if sock is not None:
-            sock.close()
-        raise
     master_addr, master_port = master.rsplit(":", 1)
     gpus = ctx.resources().get("gpu")
     gpu = gpus.addresses[0] if gpus is not None and gpus.addresses else None
     result = run_rank(payload, rank=rank, world_size=len(hosts), local_rank=hosts[:rank].count(host),
                       master_addr=master_addr, master_port=int(master_port), attempt=attempt, local_mode=False,
-                      gpu=gpu, listen_fd=sock.detach() if sock is not None else None, host=host)
+                      gpu=gpu, host=host)
     if rank == 0:
         yield result  # type: ignore[misc]
 

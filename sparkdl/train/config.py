@@ -12,6 +12,7 @@ __all__ = ["TrainConfig"]
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adamw")
 COMPRESSION = ("none", "fp16", "bf16", "powersgd")
+DDP_BUCKET_VIEW_DEFAULT = True
 PRECISION = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "linear")
 FAULT_KINDS = ("exit", "raise", "nan", "inf_grad", "stall")
@@ -78,6 +79,10 @@ class TrainConfig:
     """Micro-batches per optimizer step; gradients are not all-reduced on the micro-steps (no_sync)."""
     compression: str = "none"
     """Gradient compression on the all-reduce: none, fp16, bf16 or powersgd (DDP communication hooks)."""
+    ddp_bucket_cap_mb: float | None = None
+    """allreduce: DDP's bucket size in MiB (a bucket is all-reduced once its gradients are ready, during the rest of backward); None = DDP's 25 MiB, the first 1 MiB."""
+    ddp_bucket_view: bool = DDP_BUCKET_VIEW_DEFAULT
+    """allreduce: gradients are views into DDP's buckets (gradient_as_bucket_view): no copy back into .grad after each all-reduce."""
     sync_batchnorm: bool = False
     """Convert BatchNorm layers to SyncBatchNorm."""
     precision: str = "fp32"
@@ -291,6 +296,14 @@ class TrainConfig:
         if self.strategy != "allreduce" and self.compression != "none":
             raise bad("compression", f"gradient compression hooks belong to strategy='allreduce', not "
                                      f"{self.strategy!r}; use compression='none'")
+        cap = self.ddp_bucket_cap_mb
+        if cap is not None and (not is_num(cap) or cap <= 0):
+            raise bad("ddp_bucket_cap_mb", "must be a positive number of MiB, e.g. 25, or None for DDP's default")
+        if not isinstance(self.ddp_bucket_view, bool):
+            raise bad("ddp_bucket_view", "must be True or False")
+        if self.strategy != "allreduce" and (cap is not None or self.ddp_bucket_view != DDP_BUCKET_VIEW_DEFAULT):
+            name = "ddp_bucket_cap_mb" if cap is not None else "ddp_bucket_view"
+            raise bad(name, f"DDP's buckets belong to strategy='allreduce', not {self.strategy!r}; leave it unset")
         if self.strategy in ("ssp", "async", "fedavg") and self.precision == "fp16":
             raise bad("precision", f"strategy={self.strategy!r} has no gradient scaler; use bf16 or fp32")
         st = self.straggler

@@ -117,9 +117,9 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     collectives timed out after ``pg_timeout_s`` while it was still running).
     Raises ``ClusterCapacityError`` at once when the cluster cannot host the ranks.
 
-    Every listener of a run binds one address: the rendezvous store and gloo/NCCL on the
-    address rank 0 is reached by (loopback in local mode), the progress channel on the driver's
-    address; see docs/security.md."""
+    Every listener of a run binds one address: the rendezvous store and the progress channel on
+    the driver's address (loopback in local mode), gloo/NCCL on each rank's executor address;
+    see docs/security.md."""
     if not config.local_mode and spark is None:
         raise ValueError("run_distributed needs spark= for barrier mode, or config.local_mode=True")
     now = config
@@ -144,7 +144,7 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
                     return _run_local(payload, now, attempt, server)
                 if attempt > 0:  # a lost executor may not be back yet: wait for it, shrink, or fail clearly
                     now = _relaunch_size(spark, config, now)
-                return _run_barrier(spark, payload, now, attempt, server)
+                return _run_barrier(spark, payload, now, attempt, server, bind, advertise)
             except RankFailedError as e:
                 if attempt + 1 >= config.max_attempts or not e.retryable:
                     raise
@@ -338,36 +338,46 @@ def _settle(server: ProgressServer, attempt: int, num_ranks: int, timeout_s: flo
         time.sleep(0.05)
 
 
+def _serve_store(bind: str, timeout_s: float) -> tuple[Any, int]:
+    """This attempt's rendezvous store, served by the driver on ``bind`` from a socket that stays
+    bound from the moment its port is known (no free-port probe to race with); (store, port)."""
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    sock = listen_socket(bind)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(bind, port, None, is_master=True, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False, master_listen_fd=sock.detach())
+    return store, port
+
+
 def _run_barrier(spark: "SparkSession", payload: bytes, config: LaunchConfig, attempt: int,
-                 server: ProgressServer) -> Any:
+                 server: ProgressServer, bind: str, advertise: str) -> Any:
     sc = spark.sparkContext
     sc.setJobDescription(f"sparkdl: {config.num_ranks} ranks, attempt {attempt}")
     rdd = sc.parallelize(range(config.num_ranks), config.num_ranks).barrier()
+    # The driver serves the store, at the address the ranks already reach its progress channel by:
+    # publishing a port from rank 0 instead takes a BarrierTaskContext.allGather, and Spark's
+    # barrier RPC polls for completion once a second (about 1 s of every launch, docs/benchmarks.md).
+    store, port = _serve_store(bind, config.pg_timeout_s)
     try:
-        out = rdd.mapPartitions(partial(barrier_task, payload, attempt)).collect()
+        out = rdd.mapPartitions(partial(barrier_task, payload, attempt, f"{advertise}:{port}")).collect()
     except Exception as e:  # Py4JJavaError / PythonException: the text carries the rank's marker
         # Spark kills the barrier siblings (spark.python.task.killTimeout later, their workers).
         _settle(server, attempt, config.num_ranks)
         raise _diagnose(config, attempt, server, text=str(e)) from e
     finally:
         sc.setJobDescription(None)
+        del store
     if not out:
         raise RankFailedError(0, "rank 0 returned no result to the driver", "", attempt, config.max_attempts)
     return cloudpickle.loads(out[0])
 
 
 def _run_local(payload: bytes, config: LaunchConfig, attempt: int, server: ProgressServer) -> Any:
-    import torch.distributed as dist
-    from datetime import timedelta
-
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    # The driver serves this attempt's rendezvous store, on loopback, from a socket that stays
-    # bound from the moment its port is known (no free-port probe to race with).
-    sock = listen_socket("127.0.0.1")
-    port = sock.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, None, is_master=True, timeout=timedelta(seconds=config.pg_timeout_s),
-                          wait_for_workers=False, master_listen_fd=sock.detach())
+    store, port = _serve_store("127.0.0.1", config.pg_timeout_s)
     logdir = Path(tempfile.mkdtemp(prefix="sparkdl-ranks-"))
     procs = []
     for rank in range(config.num_ranks):

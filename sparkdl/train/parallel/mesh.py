@@ -97,6 +97,9 @@ def check_parallelism(cfg: Any) -> None:
     if cfg.compression != "none":
         raise bad("compression", f"gradient compression hooks are DDP's; parallelism={p!r} reduces gradients "
                                  "itself: use compression='none'")
+    if cfg.ddp_bucket_cap_mb is not None:
+        raise bad("ddp_bucket_cap_mb", f"DDP's buckets do not exist with parallelism={p!r}, which reduces "
+                                       "gradients itself; leave it None")
     if cfg.sync_batchnorm:
         raise bad("sync_batchnorm", f"not supported with parallelism={p!r}; turn it off")
     if p == "fsdp":

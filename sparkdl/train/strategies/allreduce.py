@@ -37,7 +37,8 @@ class AllReduce(Strategy):
         self.model = model
         # DDP broadcasts rank 0's initial weights.
         self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       process_group=self.group)
+                       process_group=self.group, bucket_cap_mb=self.cfg.ddp_bucket_cap_mb,
+                       gradient_as_bucket_view=self.cfg.ddp_bucket_view)
         self.hook_state = None
         compression = self.cfg.compression
         if compression == "fp16":
@@ -86,6 +87,7 @@ class AllReduce(Strategy):
                 setattr(self.hook_state, slot, _map_tensors(value, lambda t: t.to(self.device)))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "compression": self.cfg.compression}
+        return {"name": self.name, "compression": self.cfg.compression,
+                "ddp_bucket_cap_mb": self.cfg.ddp_bucket_cap_mb, "ddp_bucket_view": self.cfg.ddp_bucket_view}
 
 
