@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import torch
@@ -43,7 +44,7 @@ from sparkdl.data.plan import (
 )
 from sparkdl.data.prefetch import STOPPED as _STOPPED
 from sparkdl.data.prefetch import Prefetcher
-from sparkdl.data.source import PieceReader, list_pieces, resolve_source
+from sparkdl.data.source import PieceReader, list_pieces, loader_memory_pool, resolve_source
 from sparkdl.errors import EmptyTableError
 from sparkdl.schema import DatasetSchema
 
@@ -588,7 +589,7 @@ class TableLoader:
             idx = np.concatenate([
                 perm[a:b] if perm is not None else np.arange(a, b, dtype=np.int64) for a, b in visit.ranges
             ])
-            table = table.take(pa.array(idx))
+            table = pc.take(table, pa.array(idx), memory_pool=loader_memory_pool())
 
             def where(row: int) -> str:
                 return reader.locate(segs, int(idx[row]))
@@ -661,8 +662,8 @@ class TableLoader:
                 del rows
                 if release:
                     # Under a memory budget, hand the block's freed Arrow pages back to the OS now:
-                    # mimalloc otherwise keeps them a while, and the resident set outgrows the bound.
-                    pa.default_memory_pool().release_unused()
+                    # the allocator otherwise keeps them a while, and the resident set outgrows the bound.
+                    loader_memory_pool().release_unused()
             if carry:  # the final partial batch (drop_last=False)
                 emit(concat_batches(carry))
         finally:
