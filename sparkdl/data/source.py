@@ -267,8 +267,8 @@ def loader_memory_pool() -> pa.MemoryPool:
 class PieceReader:
     """Reads segments of pieces (projected, filtered) as one Arrow table.
 
-    Keeps the last ``cache_pieces`` pieces it read (None: all, until :meth:`retain` drops
-    them): consecutive blocks of a rank's stream usually share a row group at their boundary,
+    Keeps the last piece it read (``keep_all``: every piece, until :meth:`retain` drops it):
+    consecutive blocks of a rank's stream usually share a row group at their boundary,
     and with shuffle lanes every block reads a stripe of each lane's open row group.
     """
 
@@ -281,14 +281,14 @@ class PieceReader:
         flt: ds.Expression | None,
         *,
         verify_checksums: bool = True,
-        cache_pieces: int | None = 1,
+        keep_all: bool = False,
     ) -> None:
         self._source = source
         self._pieces = pieces
         self._fragments = fragments
         self._columns = columns
         self._filter = flt
-        self._capacity = cache_pieces
+        self._keep_all = keep_all
         # Rebound, never mutated in place by clear()/retain(): the read-ahead thread may be reading.
         self._cache: dict[int, pa.Table] = {}
         # A flipped bit in a data page otherwise decodes into wrong values without any error;
@@ -320,11 +320,10 @@ class PieceReader:
                 f"rows now but {piece.num_rows} when the loader was planned; the file changed underneath "
                 "the loader (Delta data files must be immutable: rewrite tables as new versions)"
             )
-        cache = self._cache
-        if self._capacity is not None and len(cache) >= self._capacity:
-            cache = dict(list(cache.items())[len(cache) - self._capacity + 1:]) if self._capacity > 1 else {}
-        cache[index] = table
-        self._cache = cache
+        if self._keep_all:
+            self._cache[index] = table
+        else:
+            self._cache = {index: table}
         return table
 
     def read(self, segments: Sequence[Segment]) -> pa.Table:
