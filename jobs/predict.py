@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lakehouse", default="lakehouse", help="lakehouse root (default: ./lakehouse)")
     p.add_argument("--profile", default=None,
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only what spark-submit was given, the profile filling in unset keys)")
+    p.add_argument("--remote", default=None,
+                   help="Spark Connect server to run on (sc://host:port; default: the SPARK_REMOTE environment "
+                        "variable, else a classic session from --profile)")
     p.add_argument("--model", required=True, help="published model name")
     p.add_argument("--model-version", type=int, default=None, help="model version (default: latest)")
     p.add_argument("--input", required=True, help="input table name (under the lakehouse) or Delta URI")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         from sparkdl import spark_session
 
-        res = predict_table(config, spark=spark_session(args.profile, app_name="sparkdl-predict"))
+        res = predict_table(config, spark=spark_session(args.profile, app_name="sparkdl-predict", remote=args.remote))
     except Exception as e:  # one line for a scheduler; the cause of a Spark failure included
         from sparkdl.pipeline import failure_reason
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None,
                    help="Spark profile from spark-conf/ (default: local from plain Python; under spark-submit, only "
                         "what spark-submit was given, the profile filling in unset keys)")
+    p.add_argument("--remote", default=None,
+                   help="Spark Connect server to run on (sc://host:port; default: the SPARK_REMOTE environment "
+                        "variable, else a classic session from --profile)")
     p.add_argument("--debug", action="store_true", help="on failure, also print the failing rank's traceback")
     choices = {"optimizer": OPTIMIZERS, "compression": COMPRESSION, "precision": PRECISION, "lr_schedule": SCHEDULES,
                "strategy": STRATEGIES, "task": TASKS,
@@ -89,6 +92,7 @@ def _resume_hint(config) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     profile = args.pop("profile")
+    remote = args.pop("remote")
     debug = args.pop("debug")
     tracking_flags = (args.pop("tracking"), args.pop("tracking_uri"), args.pop("experiment"))
     try:
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if not config.local_mode:
             from sparkdl import spark_session
 
-            spark = spark_session(profile, app_name="sparkdl-train")
+            spark = spark_session(profile, app_name="sparkdl-train", remote=remote)
         result = fit(config, spark=spark)
     except (SparkDLError, ValueError, RuntimeError, FloatingPointError) as e:
         text = str(e).strip()

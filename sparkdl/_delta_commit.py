@@ -1,8 +1,8 @@
 """The driver's side of ``lakehouse.write_table``: what Spark staged, the Delta commit, its version.
 
 Internal to ``sparkdl.lakehouse``. Kept apart so that module holds the API (read, snapshot,
-write, cleanup) and this one the mechanics: listing the staged files through Spark's Hadoop
-filesystem, their Delta ``stats`` from the Parquet footers, partition values (Hive-unescaped
+write, cleanup) and this one the mechanics: listing the staged files (through Spark's Hadoop
+filesystem where the session has one), their Delta ``stats`` from the Parquet footers, partition values (Hive-unescaped
 once, timestamps converted to UTC), the commit through ``deltalake.transaction``, and finding
 the version the commit got in the log.
 """
@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 
 from sparkdl.errors import CommitConflictError
+from sparkdl.session import delete_tree, list_files
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -63,41 +64,15 @@ def estimated_row_bytes(schema: pa.Schema) -> int:
     return max(total, 1)
 
 
-def hadoop_fs(spark: "SparkSession", uri: str):
-    jvm = spark.sparkContext._jvm
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), path
-
-
-def list_staged(spark: "SparkSession", staging: str) -> list[tuple[str, int, int]]:
+def list_staged(spark: "SparkSession | None", staging: str) -> list[tuple[str, int, int]]:
     """(relative path as on storage, size, mtime ms) of the Parquet files Spark wrote under ``staging``.
 
-    Hadoop's ``Path.toString()`` gives the name as stored, Hive escapes included (a partition
-    value ``x%y`` is the folder ``p=x%25y``); it must not be unescaped again, or the log would
-    point at a file that does not exist. deltalake percent-encodes the path into the log itself.
+    The name is the one stored, Hive escapes included (a partition value ``x%y`` is the folder
+    ``p=x%25y``); it must not be unescaped again, or the log would point at a file that does not
+    exist. deltalake percent-encodes the path into the log itself.
     """
-    fs, path = hadoop_fs(spark, staging)
-    if not fs.exists(path):
-        return []
-    base = fs.makeQualified(path).toString().rstrip("/")
-    out = []
-    it = fs.listFiles(path, True)
-    while it.hasNext():
-        st = it.next()
-        full = st.getPath().toString()
-        name = st.getPath().getName()
-        if not name.endswith(".parquet") or name.startswith((".", "_")):
-            continue
-        out.append((full[len(base) + 1:], int(st.getLen()), int(st.getModificationTime())))
-    return out
-
-
-def delete_tree(spark: "SparkSession", uri: str) -> None:
-    try:
-        fs, path = hadoop_fs(spark, uri)
-        fs.delete(path, True)
-    except Exception:  # cleanup must never mask the original failure
-        pass
+    return [(rel, size, mtime) for rel, size, mtime in list_files(spark, staging)
+            if rel.endswith(".parquet") and not rel.rsplit("/", 1)[-1].startswith((".", "_"))]
 
 
 def partition_values(

@@ -211,12 +211,38 @@ _REASON_LIMIT = 400
 
 
 def _spark_failure(e: BaseException) -> bool:
+    kinds: list[type] = []
     try:
-        from py4j.protocol import Py4JJavaError
         from pyspark.errors import PythonException
+
+        kinds.append(PythonException)
     except ImportError:
-        return False
-    return isinstance(e, (PythonException, Py4JJavaError))
+        pass
+    try:  # classic Spark only: a Spark Connect client (pyspark-client) has no py4j
+        from py4j.protocol import Py4JJavaError
+
+        kinds.append(Py4JJavaError)
+    except ImportError:
+        pass
+    return isinstance(e, tuple(kinds))
+
+
+def spark_exceptions() -> tuple[type[BaseException], ...]:
+    """The exception classes a Spark call raises: pyspark's, and py4j's where classic Spark runs."""
+    kinds: list[type[BaseException]] = []
+    try:
+        from pyspark.errors import PySparkException
+
+        kinds.append(PySparkException)
+    except ImportError:
+        pass
+    try:
+        from py4j.protocol import Py4JError
+
+        kinds.append(Py4JError)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def _spark_reason(e: BaseException) -> str:

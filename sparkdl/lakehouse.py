@@ -45,6 +45,7 @@ from sparkdl.errors import (
     WriteAbortedError,
 )
 from sparkdl.schema import DatasetSchema, spark_to_arrow_schema
+from sparkdl.session import driver_session, on_storage
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -332,14 +333,14 @@ def write_table(
     if schema is not None:
         schema.validate_arrow(arrow_schema)
         arrow_schema = schema.arrow_with_metadata(arrow_schema)
-    exists = table_exists(uri, storage_options)
+    spark = df.sparkSession
+    here = driver_session(spark)  # None under Spark Connect: the storage steps run on an executor
+    exists, table_parts, table_schema = on_storage(spark, _current_layout, uri, storage_options)
     if exists and mode == "error":
         raise ValueError(f"table {uri} already exists; pass mode='append' or mode='overwrite'")
-    current = _open(uri, None, storage_options) if exists else None
-    if current is not None:
+    if exists:
         # Files written without the table's partition folders would carry no partition
         # values in the log, and readers would see nulls in those columns.
-        table_parts = list(current.metadata().partition_columns)
         if not partition_by:
             partition_by = table_parts
         elif partition_by != table_parts:
@@ -350,8 +351,7 @@ def write_table(
     missing = [c for c in partition_by if c not in df.columns]
     if missing:
         raise ValueError(f"partition_by names columns {missing} that the DataFrame lacks; columns: {df.columns}")
-    if current is not None and mode == "append":
-        table_schema = pa.schema(current.schema().to_arrow())
+    if exists and mode == "append":
         diffs = DatasetSchema.from_arrow(table_schema, name=uri).mismatches(
             pa.schema([f.remove_metadata() for f in arrow_schema])
         )
@@ -366,18 +366,17 @@ def write_table(
     # Declared non-nullable columns (by ``schema`` or, for an append, by the table) are
     # checked; Spark's own non-null inference is trusted.
     required = [f.name for f in arrow_schema if not f.nullable] if schema is not None else []
-    if current is not None and mode == "append":
+    if exists and mode == "append":
         required += [f.name for f in table_schema if not f.nullable and f.name not in required]
     # Spark enforces the non-nullability it infers itself: those columns need no count.
     required = [c for c in required if df.schema[c].nullable] if required else []
     row_bytes = _dc.estimated_row_bytes(arrow_schema)
 
-    spark = df.sparkSession
     txn = uuid.uuid4().hex[:12]
     folder = f"{STAGING_PREFIX}{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{txn}"
     staging = join_uri(uri, folder)
     max_rows = max(1, (target_file_mb << 20) // row_bytes)
-    state = {"attempted": False, "committed": False, "start": -1}
+    flat = [f.name for f in arrow_schema if f.name not in partition_by and not pa.types.is_nested(f.type)]
     try:
         writer = (
             df.write.mode("errorifexists")
@@ -388,13 +387,7 @@ def write_table(
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         writer.parquet(staging)
-        staged = _dc.list_staged(spark, staging)
-        flat = [f.name for f in arrow_schema if f.name not in partition_by and not pa.types.is_nested(f.type)]
-        stats: list[str] | None = None
-        if _is_local(uri):
-            with ThreadPoolExecutor(8) as pool:
-                stats = list(pool.map(lambda rel: _dc.file_stats(join_uri(staging, rel), flat),
-                                      [rel for rel, _, _ in staged]))
+        staged, stats = on_storage(spark, _staged_files, here, uri, staging, flat)
         zone = spark.conf.get("spark.sql.session.timeZone")
         ts_parts = {
             f.name: zone for f in arrow_schema if f.name in partition_by and pa.types.is_timestamp(f.type) and f.type.tz
@@ -407,6 +400,49 @@ def write_table(
                     schema.name if schema is not None else uri,
                     [f"column {n!r} is declared non-nullable but has {c} nulls" for n, c in bad.items()],
                 )
+    except BaseException as e:
+        on_storage(spark, _dc.delete_tree, here, staging)
+        if isinstance(e, (SchemaMismatchError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise WriteAbortedError(
+            f"write to {uri} failed before its commit, so the table keeps its previous version "
+            f"and the staged files under {staging} were removed: {type(e).__name__}: {str(e)[:2000]}"
+        ) from e
+    version = on_storage(spark, _commit_write, here, uri, staging, folder, staged, stats, parts, arrow_schema,
+                         partition_by, mode, exists, commit_metadata, storage_options, description)
+    n_rows = sum(json.loads(s).get("numRecords", 0) for s in stats) if stats is not None else None
+    return WriteResult(uri=uri, version=version, num_files=len(staged), num_rows=n_rows, mode=mode)
+
+
+def _current_layout(uri: str, storage_options: Mapping[str, str] | None
+                    ) -> tuple[bool, list[str], pa.Schema | None]:
+    """(exists, partition columns, Arrow schema) of the table at ``uri`` as it is now."""
+    if not table_exists(uri, storage_options):
+        return False, [], None
+    current = _open(uri, None, storage_options)
+    return True, list(current.metadata().partition_columns), pa.schema(current.schema().to_arrow())
+
+
+def _staged_files(spark: "SparkSession | None", uri: str, staging: str, flat: list[str]
+                  ) -> tuple[list[tuple[str, int, int]], list[str] | None]:
+    """The files Spark staged, and their Delta stats when their footers are cheap to read (local)."""
+    staged = _dc.list_staged(spark, staging)
+    stats: list[str] | None = None
+    if _is_local(uri):
+        with ThreadPoolExecutor(8) as pool:
+            stats = list(pool.map(lambda rel: _dc.file_stats(join_uri(staging, rel), flat),
+                                  [rel for rel, _, _ in staged]))
+    return staged, stats
+
+
+def _commit_write(spark: "SparkSession | None", uri: str, staging: str, folder: str,
+                  staged: list[tuple[str, int, int]], stats: list[str] | None, parts: list[dict[str, str | None]],
+                  arrow_schema: pa.Schema, partition_by: list[str], mode: str, exists: bool,
+                  commit_metadata: Mapping[str, Any] | None, storage_options: Mapping[str, str] | None,
+                  description: str | None) -> int:
+    """Commit the staged files; the version the commit got. Runs where the storage is reachable."""
+    state = {"attempted": False, "committed": False, "start": -1}
+    try:
         _dc.commit_staged(
             uri, staged, stats or ["{}" for _ in staged], parts, folder, arrow_schema, partition_by, mode,
             exists, commit_metadata, storage_options, description, state,
@@ -451,8 +487,7 @@ def write_table(
             f"write to {uri} was committed, but no commit with sparkdl.staging={folder} is in the log; "
             "was the table vacuumed or overwritten by another tool meanwhile?"
         )
-    n_rows = sum(json.loads(s).get("numRecords", 0) for s in stats) if stats is not None else None
-    return WriteResult(uri=uri, version=version, num_files=len(staged), num_rows=n_rows, mode=mode)
+    return version
 
 
 def cleanup_staging(

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from sparkdl.features import Feature, LabelInfo, TableFeatures
+from sparkdl.session import ship_py_files
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -325,30 +326,44 @@ def ship_to_executors(spark: "SparkSession", specs: list[str], *, what: str) -> 
     modules = [m for m in modules if m.split(".")[0] != "sparkdl"]
     if not modules:
         return
-    sc = spark.sparkContext
+    paths = []
     for m in modules:
         try:
             path = _shippable(m)
         except ImportError:
             path = None  # the probe below names it
         if path is not None:
-            sc.addPyFile(path)
+            paths.append(path)
+    ship_py_files(spark, paths)
 
-    def probe(_: Any) -> list[str]:
-        import importlib as _importlib
-
-        failed = []
-        for name in modules:
-            try:
-                _importlib.import_module(name)
-            except Exception as e:  # any import failure is reported, not raised, to name the module
-                failed.append(f"{name}: {type(e).__name__}: {e}")
-        return failed
-
-    failed = sc.parallelize([0], 1).flatMap(probe).collect()
+    failed = _probe_executor(spark, modules)
     if failed:
         raise RuntimeError(
             f"the executors cannot import the {what} module ({'; '.join(failed)}). Install it on every executor "
             "(pip), or ship it: spark-submit --py-files <module.py or package.zip>, or "
-            "spark.sparkContext.addPyFile(<path>) before calling sparkdl (a module defined in a notebook cell "
+            "spark.sparkContext.addPyFile(<path>) (Spark Connect: spark.addArtifacts(<path>, pyfile=True)) before "
+            "calling sparkdl (a module defined in a notebook cell "
             "or without a file cannot be shipped: put it in a .py file)")
+
+
+def _import_failures(modules: list[str]) -> list[str]:
+    """'module: error' for each of ``modules`` this Python cannot import."""
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # any import failure is reported, not raised, to name the module
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+    return failed
+
+
+def _probe_executor(spark: "SparkSession", modules: list[str]) -> list[str]:
+    """``_import_failures`` run in one task on an executor (where the shipped files land)."""
+    import pyarrow as pa
+
+    def probe(batches: Any) -> Any:
+        for _ in batches:
+            pass
+        yield pa.RecordBatch.from_arrays([pa.array(_import_failures(modules), pa.string())], names=["error"])
+
+    return [r["error"] for r in spark.range(1, numPartitions=1).mapInArrow(probe, "error string").collect()]

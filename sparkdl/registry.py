@@ -45,6 +45,7 @@ import torch
 from sparkdl import _fs
 from sparkdl.errors import ModelNotFoundError, UntrustedModelError
 from sparkdl.lakehouse import Lakehouse
+from sparkdl.session import conf_value
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -230,7 +231,7 @@ def trusted_modules(extra: Iterable[str] | None = None, *, spark: "SparkSession 
     names = list(extra or [])
     names += (os.environ.get(TRUSTED_MODULES_ENV) or "").split(",")
     if spark is not None:
-        names += (spark.sparkContext.getConf().get(TRUSTED_MODULES_CONF) or "").split(",")
+        names += (conf_value(spark, TRUSTED_MODULES_CONF) or "").split(",")
     out: list[str] = []
     for n in (n.strip() for n in names):
         if n and n not in out:

@@ -1,23 +1,35 @@
-"""Spark sessions from the named profiles in ``spark-conf/``.
+"""Spark sessions, and the one place where classic Spark and Spark Connect differ.
 
 A profile is a ``spark-submit --properties-file`` file; the same file configures sessions
-built from Python, so a notebook and a scheduled job run with identical settings.
+built from Python, so a notebook and a scheduled job run with identical settings. A session
+made with ``remote="sc://host:port"`` (or ``SPARK_REMOTE``) is a Spark Connect client: no JVM,
+no ``sparkContext``.
+
+Everything else in sparkdl reaches Spark through DataFrames and the functions of this module
+(``barrier_stage``, ``on_storage``, ``spark_master``, ``task_slots``, ``ship_py_files``, ...),
+so no other module touches ``sparkContext`` or the JVM gateway (a test enforces it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["spark_session", "profile_path", "read_profile", "PROFILES", "check_java"]
+T = TypeVar("T")
+
+__all__ = ["spark_session", "profile_path", "read_profile", "PROFILES", "check_java", "is_connect", "spark_master",
+           "conf_value", "task_slots", "registered_executors", "expected_executors", "ship_py_files",
+           "job_description", "barrier_stage", "on_storage", "driver_session", "list_files", "delete_tree", "count_jobs"]
 
 PROFILES = ("local", "local-cluster", "standalone", "gpu")
 
@@ -130,12 +142,39 @@ def _submitted_conf() -> "Any | None":
     return conf if conf.contains("spark.master") else None
 
 
+def _remote_only() -> bool:
+    """True in a Python that has the Spark Connect client only (``pyspark-client``: no JVM side)."""
+    try:
+        from pyspark.util import is_remote_only
+    except ImportError:  # pyspark 3.5: always the full package
+        return False
+    return bool(is_remote_only())
+
+
+def _connect_session(remote: str, app_name: str, conf: Mapping[str, str] | None) -> "SparkSession":
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None and is_connect(active):
+        return active
+    spark = SparkSession.builder.remote(remote).appName(app_name).getOrCreate()
+    # The server keeps its own static settings; the ones that change results are per session.
+    for key, value in {**_CORRECTNESS_DEFAULTS, **dict(conf or {})}.items():
+        try:
+            spark.conf.set(key, value)
+        except Exception as e:  # a static conf cannot be set from a client: say which and why
+            raise ValueError(f"conf {key}={value!r} cannot be set from a Spark Connect client ({e}); set it on "
+                             "the Connect server (start-connect-server.sh --conf ...)") from e
+    return spark
+
+
 def spark_session(
     profile: str | None = None,
     *,
     app_name: str = "sparkdl",
     master: str | None = None,
     conf: Mapping[str, str] | None = None,
+    remote: str | None = None,
 ) -> "SparkSession":
     """Get or create a SparkSession configured by ``profile``.
 
@@ -145,14 +184,27 @@ def spark_session(
     left unset. ``master`` and ``conf`` always override both. Executors use this interpreter
     unless ``spark.pyspark.python`` says otherwise, so the driver and its Python workers agree
     on torch and pyarrow versions. A session that is already running is returned as it is.
+
+    ``remote`` (default: the ``SPARK_REMOTE`` environment variable) makes a Spark Connect client
+    session instead (``sc://host:port``): the server's own settings apply, ``conf`` sets runtime
+    (SQL) settings only, and ``profile``/``master`` are refused.
     """
+    remote = remote or os.environ.get("SPARK_REMOTE") or None
+    if remote:
+        if master or profile:
+            raise ValueError(f"remote={remote!r} connects to a running Spark Connect server, whose master and "
+                             "profile are the server's: drop profile=/master= (or unset SPARK_REMOTE)")
+        return _connect_session(remote, app_name, conf)
+    if _remote_only():
+        raise RuntimeError("this Python has the Spark Connect client only (pyspark-client): pass "
+                           "remote='sc://host:port' or set SPARK_REMOTE, or install 'sparkdl[spark]' for a local Spark")
     check_java()
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         wanted = master or (read_profile(profile).get("spark.master") if profile else None)
-        running = active.sparkContext.master
+        running = spark_master(active)
         if wanted and wanted != running:
             import warnings
 
@@ -199,3 +251,223 @@ def spark_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+# ---------------------------------------------------------------------------------------------
+# The classic/Connect boundary. A Connect session has no SparkContext and no JVM gateway in this
+# process; where classic Spark offers a driver-side shortcut it is used, else a DataFrame job.
+
+
+def is_connect(spark: "SparkSession") -> bool:
+    """Whether ``spark`` is a Spark Connect client session (no ``sparkContext`` here)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def spark_master(spark: "SparkSession") -> str:
+    """The master URL the session runs on (``local[2]``, ``yarn``, ...; the server's under Connect)."""
+    if is_connect(spark):
+        return conf_value(spark, "spark.master") or ""
+    return spark.sparkContext.master
+
+
+def conf_value(spark: "SparkSession", key: str, default: str | None = None) -> str | None:
+    """A Spark setting, static (``spark.driver.host``) or runtime, or ``default`` when unset."""
+    if not is_connect(spark):
+        value = spark.sparkContext.getConf().get(key)
+        if value is not None:
+            return value
+    try:
+        value = spark.conf.get(key, None)
+    except Exception:  # Connect refuses some static keys; they are then unknown here
+        value = None
+    return default if value is None else value
+
+
+def task_slots(spark: "SparkSession") -> int | None:
+    """Tasks the cluster can run at once now; None when it cannot be known (Spark Connect)."""
+    if is_connect(spark):
+        return None
+    sc = spark.sparkContext._jsc.sc()
+    return int(sc.maxNumConcurrentTasks(sc.resourceProfileManager().defaultResourceProfile()))
+
+
+def registered_executors(spark: "SparkSession") -> int | None:
+    if is_connect(spark):
+        return None
+    return max(0, int(spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()) - 1)  # minus the driver
+
+
+def expected_executors(spark: "SparkSession") -> int | None:
+    """Executors the cluster will have once started, when that is known up front."""
+    m = re.match(r"local-cluster\[\s*(\d+)", spark_master(spark))
+    if m:
+        return int(m.group(1))
+    if (conf_value(spark, "spark.dynamicAllocation.enabled") or "false").strip().lower() == "true":
+        return None  # executors come and go with the load: only the timeout bounds the wait
+    instances = (conf_value(spark, "spark.executor.instances") or "").strip()
+    return int(instances) if instances.isdigit() else None
+
+
+def ship_py_files(spark: "SparkSession", paths: list[str]) -> None:
+    """Make ``.py``/``.zip`` files importable by the executors' Python workers."""
+    for path in paths:
+        if is_connect(spark):
+            spark.addArtifacts(path, pyfile=True)
+        else:
+            spark.sparkContext.addPyFile(path)
+
+
+@contextlib.contextmanager
+def job_description(spark: "SparkSession", text: str) -> Iterator[None]:
+    """Name the Spark jobs started inside the block in the Spark UI (classic; Connect: a job tag)."""
+    if is_connect(spark):
+        yield
+        return
+    sc = spark.sparkContext
+    sc.setJobDescription(text)
+    try:
+        yield
+    finally:
+        sc.setJobDescription(None)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def count_jobs(spark: "SparkSession", counts: dict[str, int], name: str) -> Iterator[None]:
+    """Count the Spark jobs started inside the block into ``counts[name]`` (classic Spark only:
+    a Connect client cannot see jobs, and counts nothing).
+
+    Adaptive query execution is off inside the block: it runs every shuffle's map side as a
+    job of its own, while an analyzer pass's result is one small row or list and gains nothing
+    from re-planning; without it, a pass is one job of two or three stages."""
+    aqe = spark.conf.get("spark.sql.adaptive.enabled", "true")
+    spark.conf.set("spark.sql.adaptive.enabled", "false")
+    if is_connect(spark):
+        try:
+            yield
+        finally:
+            spark.conf.set("spark.sql.adaptive.enabled", aqe)
+        return
+    sc = spark.sparkContext
+    group = f"sparkdl-{name}-{uuid.uuid4().hex[:8]}"
+    sc.setJobGroup(group, f"sparkdl: {name}")
+    try:
+        yield
+    finally:
+        spark.conf.set("spark.sql.adaptive.enabled", aqe)
+        sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
+        sc.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
+        counts[name] = counts.get(name, 0) + len(sc.statusTracker().getJobIdsForGroup(group))
+
+
+_RESULT_SCHEMA = "result binary"
+
+
+def barrier_stage(spark: "SparkSession", num_tasks: int, task: Callable[[], "bytes | None"]) -> list[bytes]:
+    """Run ``task()`` in ``num_tasks`` tasks of one barrier-mode stage; the non-None results.
+
+    One code path for classic Spark and Spark Connect: ``mapInArrow(..., barrier=True)`` over
+    ``range(n)`` in n partitions (Spark >= 3.5). Inside, ``BarrierTaskContext.get()`` gives the
+    task its partition id and its peers' addresses. ``task`` travels pickled with the job."""
+    import pyarrow as pa
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        for _ in batches:  # one row per task; the rank is the partition id
+            pass
+        out = task()
+        if out is not None:
+            yield pa.RecordBatch.from_arrays([pa.array([out], pa.binary())], names=["result"])
+
+    df = spark.range(num_tasks, numPartitions=num_tasks).mapInArrow(run, _RESULT_SCHEMA, barrier=True)
+    return [row["result"] for row in df.collect()]
+
+
+def driver_session(spark: "SparkSession | None") -> "SparkSession | None":
+    """``spark`` where this process is Spark's driver (classic), None for a Connect client: what a
+    function run through ``on_storage`` may use for driver-side shortcuts (Hadoop listings)."""
+    return None if spark is None or is_connect(spark) else spark
+
+
+def on_storage(spark: "SparkSession | None", fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` where the lakehouse storage is reachable, and its result.
+
+    Classic Spark (or no session): here, on the driver, as before. Spark Connect: in one task on
+    an executor, so a client without storage credentials or clients (no HDFS client, no cloud
+    keys) still reads and writes the lakehouse, as the cluster does. ``fn`` and its arguments
+    travel pickled with the job (sparkdl must be installed on the executors, as for training);
+    its exception is raised here as the same class when it can be, else as a RuntimeError."""
+    if spark is None or not is_connect(spark):
+        return fn(*args, **kwargs)
+    import pyarrow as pa
+    from pyspark import cloudpickle
+
+    payload = cloudpickle.dumps((fn, args, kwargs))
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        from pyspark import cloudpickle as cp
+
+        for _ in batches:
+            pass
+        try:
+            f, a, k = cp.loads(payload)
+            out = cp.dumps(("ok", f(*a, **k)))
+        except Exception as e:
+            try:
+                out = cp.dumps(("error", e))
+                cp.loads(out)  # an exception class that cannot travel back goes as text
+            except Exception:
+                out = cp.dumps(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+        yield pa.RecordBatch.from_arrays([pa.array([out], pa.binary())], names=["result"])
+
+    rows = spark.range(1, numPartitions=1).mapInArrow(run, _RESULT_SCHEMA).collect()
+    status, value = cloudpickle.loads(rows[0]["result"])
+    if status == "error":
+        raise value
+    return value
+
+
+def list_files(spark: "SparkSession | None", uri: str) -> list[tuple[str, int, int]]:
+    """(path relative to ``uri`` as stored, size, mtime ms) of the visible files under ``uri``,
+    recursively; [] when it does not exist. Classic Spark lists through its Hadoop filesystem
+    (the one its writers used, ``s3a://`` and all); elsewhere through ``pyarrow.fs``."""
+    if spark is not None and not is_connect(spark):
+        jvm = spark.sparkContext._jvm
+        path = jvm.org.apache.hadoop.fs.Path(uri)
+        fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+        if not fs.exists(path):
+            return []
+        base = fs.makeQualified(path).toString().rstrip("/")
+        out = []
+        it = fs.listFiles(path, True)
+        while it.hasNext():
+            st = it.next()
+            full = st.getPath().toString()
+            out.append((full[len(base) + 1:], int(st.getLen()), int(st.getModificationTime())))
+        return out
+    import pyarrow.fs as pafs
+
+    from sparkdl import _fs
+
+    fs, root = _fs.resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except FileNotFoundError:
+        return []
+    base = root.rstrip("/")
+    return [(i.path[len(base) + 1:], int(i.size or 0), int(i.mtime_ns // 1_000_000) if i.mtime_ns else 0)
+            for i in infos if i.type == pafs.FileType.File]
+
+
+def delete_tree(spark: "SparkSession | None", uri: str) -> None:
+    """Delete the folder ``uri`` and what it holds (best effort: cleanup never masks a failure)."""
+    try:
+        if spark is not None and not is_connect(spark):
+            jvm = spark.sparkContext._jvm
+            path = jvm.org.apache.hadoop.fs.Path(uri)
+            path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(path, True)
+            return
+        from sparkdl import _fs
+
+        fs, root = _fs.resolve(uri)
+        fs.delete_dir(root)
+    except Exception:
+        pass

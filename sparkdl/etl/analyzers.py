@@ -11,16 +11,16 @@ kept vocabulary entries with their counts) reaches the driver, never the data ro
   counts them all, and the min count / top-k cut runs in Spark before the collect.
 - ``fit_images``: per-channel pixel mean and std, partial sums per partition then one sum.
 
-``count_jobs`` counts the Spark jobs a pass started (``SparkContext.statusTracker``), reported
+``count_jobs`` (``sparkdl.session``) counts the Spark jobs a pass started, reported
 by the ETL as ``ETLResult.analyzer_jobs``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
+
+from sparkdl.session import count_jobs
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -219,24 +219,3 @@ def fit_images(df: "DataFrame", transforms: dict[str, dict[str, Any]]) -> dict[s
         std = [max(row[f"q{i}_{k}"] / n - m * m, 0.0) ** 0.5 for k, m in enumerate(mean)]
         out[name] = {"mean": mean, "std": std}
     return out
-
-
-@contextlib.contextmanager
-def count_jobs(spark: "SparkSession", counts: dict[str, int], name: str) -> Iterator[None]:
-    """Count the Spark jobs started inside the block into ``counts[name]`` (by job group).
-
-    Adaptive query execution is off inside the block: it runs every shuffle's map side as a
-    job of its own, while a pass's result is one small row or list and gains nothing from
-    re-planning; without it, a pass is one job of two or three stages."""
-    sc = spark.sparkContext
-    group = f"sparkdl-analyzer-{name}-{uuid.uuid4().hex[:8]}"
-    aqe = spark.conf.get("spark.sql.adaptive.enabled", "true")
-    spark.conf.set("spark.sql.adaptive.enabled", "false")
-    sc.setJobGroup(group, f"sparkdl analyzer pass: {name}")
-    try:
-        yield
-    finally:
-        spark.conf.set("spark.sql.adaptive.enabled", aqe)
-        sc.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
-        sc.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
-        counts[name] = counts.get(name, 0) + len(sc.statusTracker().getJobIdsForGroup(group))

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 from pyspark import cloudpickle
 
@@ -166,23 +166,29 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
                 os.environ[k] = v
 
 
-def barrier_task(payload: bytes, attempt: int, master: str, _rows: Iterator[Any]) -> Iterator[bytes]:
-    """Body of one barrier task: rank = partition id. ``master`` is the driver's rendezvous store
-    (host:port); gloo/NCCL listen on this task's executor address, as Spark's barrier tasks see it."""
+def barrier_task(payload: bytes, attempt: int, master: str | None) -> bytes | None:
+    """Body of one barrier task: rank = partition id. ``master`` is the rendezvous store
+    (host:port) the driver serves; None when the caller cannot be reached (a Spark Connect
+    client): rank 0 then serves it on its own address and shares the port with its peers.
+    gloo/NCCL listen on this task's executor address, as Spark's barrier tasks see it."""
     from pyspark import BarrierTaskContext
 
     ctx = BarrierTaskContext.get()
     rank = ctx.partitionId()
     hosts = [i.address.rsplit(":", 1)[0] for i in ctx.getTaskInfos()]  # local: no barrier RPC
     host = hosts[rank]
+    listen_fd = None
+    if master is None:
+        sock = listen_socket(host) if rank == 0 else None
+        ports = ctx.allGather(str(sock.getsockname()[1]) if sock is not None else "")
+        master = f"{hosts[0]}:{ports[0]}"
+        listen_fd = sock.detach() if sock is not None else None
     master_addr, master_port = master.rsplit(":", 1)
     gpus = ctx.resources().get("gpu")
     gpu = gpus.addresses[0] if gpus is not None and gpus.addresses else None
-    result = run_rank(payload, rank=rank, world_size=len(hosts), local_rank=hosts[:rank].count(host),
-                      master_addr=master_addr, master_port=int(master_port), attempt=attempt, local_mode=False,
-                      gpu=gpu, host=host)
-    if rank == 0:
-        yield result  # type: ignore[misc]
+    return run_rank(payload, rank=rank, world_size=len(hosts), local_rank=hosts[:rank].count(host),
+                    master_addr=master_addr, master_port=int(master_port), attempt=attempt, local_mode=False,
+                    gpu=gpu, host=host, listen_fd=listen_fd)
 
 
 def local_process_main(payload: bytes, rank: int, world_size: int, port: int, attempt: int, results: Any,

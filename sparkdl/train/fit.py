@@ -15,7 +15,7 @@ from sparkdl.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.elastic import allowed_sizes, check_resizable, resize_settings
 from sparkdl.train.handoff import RankSetup
-from sparkdl.train.launcher import LaunchConfig, _check_capacity, run_distributed
+from sparkdl.train.launcher import LaunchConfig, check_capacity, run_distributed
 from sparkdl.train.loop import train_rank
 from sparkdl.train.metrics import read_step_metrics
 from sparkdl.train.progress import DriverProgress
@@ -299,7 +299,7 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
                           max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env,
                           pg_timeout_s=config.collective_timeout_s, world_sizes=tuple(sizes))
     if not config.local_mode:
-        _check_capacity(spark, replace(launch, num_ranks=min(sizes)))
+        check_capacity(spark, replace(launch, num_ranks=min(sizes)))
     if not exists:  # only now: a config that fails the checks above leaves no run folder behind
         _fs.write_text(_fs.join(run_dir, "config.json"), json.dumps(asdict(config), indent=2, default=str))
     display = DriverProgress(on_epoch=on_epoch, earlier=earlier["history"] if earlier else [], show=progress)

@@ -6,6 +6,7 @@ what makes start-up take seconds instead of tens of seconds (docs/benchmarks.md)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -22,13 +23,23 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from pyspark import cloudpickle
 
 from sparkdl.errors import ClusterCapacityError, RankFailedError, RankHungError, attempt_label
+from sparkdl.session import (
+    barrier_stage,
+    conf_value,
+    expected_executors,
+    is_connect,
+    job_description,
+    registered_executors,
+    spark_master,
+    task_slots,
+)
 from sparkdl.train._progress_channel import ProgressServer
 from sparkdl.train._rank import FAILURE_MARKER, barrier_task, listen_socket, local_process_main
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["LaunchConfig", "run_distributed"]
+__all__ = ["LaunchConfig", "check_capacity", "run_distributed"]
 
 T = TypeVar("T")
 log = logging.getLogger("sparkdl.train")
@@ -125,16 +136,22 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     now = config
     if not config.local_mode:
         sizes = sorted(config.world_sizes or (config.num_ranks,))
-        _check_capacity(spark, replace(config, num_ranks=sizes[0]) if len(sizes) > 1 else config)
-        if len(sizes) > 1 and _slots(spark) < config.num_ranks:  # elastic: start on what the cluster offers
-            now = replace(config, num_ranks=max(m for m in sizes if m <= _slots(spark)))
+        check_capacity(spark, replace(config, num_ranks=sizes[0]) if len(sizes) > 1 else config)
+        if len(sizes) > 1 and _slots(spark, config.num_ranks) < config.num_ranks:  # elastic: what the cluster offers
+            now = replace(config, num_ranks=max(m for m in sizes if m <= _slots(spark, config.num_ranks)))
     bind, advertise = _driver_address(spark, config)
-    with ProgressServer(on_progress, bind_host=bind, advertise_host=advertise) as server:
+    # A Spark Connect client is usually unreachable from the executors: no channel back to it.
+    # The ranks' failure reports then travel in the stage's error text, and their results in its rows.
+    remote = not config.local_mode and is_connect(spark)
+    channel = contextlib.nullcontext(None) if remote else ProgressServer(on_progress, bind_host=bind,
+                                                                         advertise_host=advertise)
+    with channel as server:
         try:
             payload = cloudpickle.dumps({
                 "fn": fn, "args": args, "kwargs": kwargs, "backend": config.resolved_backend,
                 "env": dict(config.env), "torch_threads": config.torch_threads, "pg_timeout_s": config.pg_timeout_s,
-                "progress": server.address, "progress_token": server.token, "user_events": on_progress is not None,
+                "progress": server.address if server else None, "progress_token": server.token if server else "",
+                "user_events": on_progress is not None,
             })
         except Exception as e:
             raise ValueError(f"run_distributed could not pickle fn {fn!r} or its arguments: {e}") from e
@@ -157,62 +174,48 @@ def _driver_address(spark: "SparkSession | None", config: LaunchConfig) -> tuple
     """(address to bind, address ranks connect to) for the progress channel."""
     if config.local_mode or spark is None:
         return "127.0.0.1", "127.0.0.1"
-    conf = spark.sparkContext.getConf()
-    host = conf.get("spark.driver.host") or "127.0.0.1"
-    return conf.get("spark.driver.bindAddress") or host, host
+    host = conf_value(spark, "spark.driver.host") or "127.0.0.1"
+    return conf_value(spark, "spark.driver.bindAddress") or host, host
 
 
-def _slots(spark: "SparkSession") -> int:
-    sc = spark.sparkContext._jsc.sc()
-    return int(sc.maxNumConcurrentTasks(sc.resourceProfileManager().defaultResourceProfile()))
+def _slots(spark: "SparkSession", wanted: int) -> int:
+    """Task slots now; ``wanted`` when the session cannot tell (Spark Connect: the stage then
+    waits for slots as Spark's barrier scheduling does)."""
+    slots = task_slots(spark)
+    return wanted if slots is None else slots
 
 
-def _registered_executors(spark: "SparkSession") -> int:
-    return max(0, int(spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()) - 1)  # minus the driver
-
-
-def _expected_executors(spark: "SparkSession") -> int | None:
-    """Executors the cluster will have once started, when that is known up front."""
-    sc = spark.sparkContext
-    m = re.match(r"local-cluster\[\s*(\d+)", sc.master)
-    if m:
-        return int(m.group(1))
-    conf = sc.getConf()
-    if (conf.get("spark.dynamicAllocation.enabled") or "false").strip().lower() == "true":
-        return None  # executors come and go with the load: only the timeout bounds the wait
-    instances = (conf.get("spark.executor.instances") or "").strip()
-    return int(instances) if instances.isdigit() else None
-
-
-def _check_capacity(spark: "SparkSession", config: LaunchConfig) -> None:
-    sc = spark.sparkContext
-    if config.use_gpu and not sc.getConf().get("spark.task.resource.gpu.amount"):
+def check_capacity(spark: "SparkSession", config: LaunchConfig) -> None:
+    """Raise ClusterCapacityError, naming the fix, when the cluster cannot run ``config.num_ranks``
+    barrier tasks at once (after waiting for executors that are known to be on their way)."""
+    master = spark_master(spark)
+    if config.use_gpu and not conf_value(spark, "spark.task.resource.gpu.amount"):
         raise ClusterCapacityError(
             "use_gpu=True but spark.task.resource.gpu.amount is not set, so barrier tasks get no GPU; "
             "start Spark with the gpu profile (spark-conf/gpu.conf) or set spark.task.resource.gpu.amount=1 "
             "and spark.executor.resource.gpu.amount"
         )
-    slots = _slots(spark)
+    slots = _slots(spark, config.num_ranks)
     waited = 0.0
     # local / local[N] never grow: fail at once. Executors of other masters register after the
     # session starts: wait for them, but only until all the expected ones are there.
-    if slots < config.num_ranks and sc.master != "local" and not sc.master.startswith("local["):
-        expected = _expected_executors(spark)
+    if slots < config.num_ranks and master != "local" and not master.startswith("local["):
+        expected = expected_executors(spark)
         start = time.monotonic()
         while slots < config.num_ranks and time.monotonic() - start < config.start_timeout_s:
-            if expected is not None and _registered_executors(spark) >= expected:
+            if expected is not None and (registered_executors(spark) or 0) >= expected:
                 time.sleep(0.5)  # the last executor's slots can trail its registration
-                slots = _slots(spark)
+                slots = _slots(spark, config.num_ranks)
                 break
             time.sleep(0.5)
-            slots = _slots(spark)
+            slots = _slots(spark, config.num_ranks)
         waited = time.monotonic() - start
     if slots < config.num_ranks:
         gpu = " (and spark.executor.resource.gpu.amount / spark.task.resource.gpu.amount)" if config.use_gpu else ""
         wait = (f" (after waiting {waited:.0f}s for executors; --start-timeout-s sets the limit)"
                 if waited >= 1 else "")
         raise ClusterCapacityError(
-            f"{config.num_ranks} ranks requested but the cluster ({sc.master}) can run only {slots} barrier tasks "
+            f"{config.num_ranks} ranks requested but the cluster ({master}) can run only {slots} barrier tasks "
             f"at once{wait}; lower --num-ranks to {slots} or less, or add task slots: spark.executor.instances x "
             f"spark.executor.cores / spark.task.cpus{gpu}, or local[N] with N >= ranks for a local master"
         )
@@ -224,18 +227,18 @@ def _relaunch_size(spark: "SparkSession", config: LaunchConfig, last: LaunchConf
     when slots came back), after waiting up to start_timeout_s for the smallest one."""
     sizes = sorted(config.world_sizes or (config.num_ranks,))
     if len(sizes) == 1:
-        _check_capacity(spark, last)
+        check_capacity(spark, last)
         return last
     time.sleep(1.0)  # the scheduler drops a lost executor's slots a moment after its tasks fail
     start = time.monotonic()
     while True:
-        slots = _slots(spark)
+        slots = _slots(spark, last.num_ranks)
         fits = [m for m in sizes if m <= slots]
         if fits or time.monotonic() - start >= config.start_timeout_s:
             break
         time.sleep(0.5)
     if not fits:
-        _check_capacity(spark, replace(last, num_ranks=sizes[0]))  # raises ClusterCapacityError with the fix
+        check_capacity(spark, replace(last, num_ranks=sizes[0]))  # raises ClusterCapacityError with the fix
     size = max(fits)
     if size != last.num_ranks:
         log.warning("the cluster offers %d task slots: relaunching on %d ranks instead of %d (elastic; "
@@ -259,7 +262,7 @@ def _marker(text: str) -> dict | None:
     return info if isinstance(info, dict) and isinstance(info.get("rank"), int) else None
 
 
-def _diagnose(config: LaunchConfig, attempt: int, server: ProgressServer, text: str = "",
+def _diagnose(config: LaunchConfig, attempt: int, server: ProgressServer | None, text: str = "",
               reported: list[dict] | None = None, deaths: dict[int, str] | None = None) -> RankFailedError:
     """Pick the root cause among what the ranks reported and what is known about ranks that died.
 
@@ -267,7 +270,7 @@ def _diagnose(config: LaunchConfig, attempt: int, server: ProgressServer, text: 
     preference is: a rank's own error (earliest first); then, when a peer's collective timed out,
     a rank that sent no report and was still alive (hung: Spark or the launcher stopped it
     afterwards); then a rank that died without a word; then the peers' communication errors."""
-    failures, _states, channel_deaths = server.snapshot(attempt)
+    failures, _states, channel_deaths = server.snapshot(attempt) if server is not None else ([], {}, {})
     failures = list(failures) + list(reported or [])
     marker = _marker(text)
     if marker is not None:
@@ -352,22 +355,23 @@ def _serve_store(bind: str, timeout_s: float) -> tuple[Any, int]:
 
 
 def _run_barrier(spark: "SparkSession", payload: bytes, config: LaunchConfig, attempt: int,
-                 server: ProgressServer, bind: str, advertise: str) -> Any:
-    sc = spark.sparkContext
-    sc.setJobDescription(f"sparkdl: {config.num_ranks} ranks, attempt {attempt}")
-    rdd = sc.parallelize(range(config.num_ranks), config.num_ranks).barrier()
-    # The driver serves the store, at the address the ranks already reach its progress channel by:
-    # publishing a port from rank 0 instead takes a BarrierTaskContext.allGather, and Spark's
-    # barrier RPC polls for completion once a second (about 1 s of every launch, docs/benchmarks.md).
-    store, port = _serve_store(bind, config.pg_timeout_s)
+                 server: ProgressServer | None, bind: str, advertise: str) -> Any:
+    # Classic Spark: the driver serves the store, at the address the ranks already reach its
+    # progress channel by: publishing a port from rank 0 instead takes a BarrierTaskContext.allGather,
+    # and Spark's barrier RPC polls for completion once a second (about 1 s of every launch,
+    # docs/benchmarks.md). A Spark Connect client is usually unreachable from the executors: there
+    # rank 0 serves the store and shares its port with allGather.
+    store, port = (None, None) if server is None else _serve_store(bind, config.pg_timeout_s)
+    master = None if port is None else f"{advertise}:{port}"
     try:
-        out = rdd.mapPartitions(partial(barrier_task, payload, attempt, f"{advertise}:{port}")).collect()
+        with job_description(spark, f"sparkdl: {config.num_ranks} ranks, attempt {attempt}"):
+            out = barrier_stage(spark, config.num_ranks, partial(barrier_task, payload, attempt, master))
     except Exception as e:  # Py4JJavaError / PythonException: the text carries the rank's marker
         # Spark kills the barrier siblings (spark.python.task.killTimeout later, their workers).
-        _settle(server, attempt, config.num_ranks)
+        if server is not None:
+            _settle(server, attempt, config.num_ranks)
         raise _diagnose(config, attempt, server, text=str(e)) from e
     finally:
-        sc.setJobDescription(None)
         del store
     if not out:
         raise RankFailedError(0, "rank 0 returned no result to the driver", "", attempt, config.max_attempts)
