@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sparkdl import _fs
 from sparkdl.lakehouse import Lakehouse, normalize_uri, snapshot
 from sparkdl.models import ship_to_executors
+from sparkdl.session import on_storage
 from sparkdl.train.checkpoint import latest_checkpoint, load_checkpoint
 from sparkdl.train.config import TrainConfig
 from sparkdl.train.elastic import allowed_sizes, check_resizable, resize_settings
@@ -89,8 +90,7 @@ def _columns(cfg: TrainConfig, uri: str, schema: Any) -> tuple[str, list[str], s
     return label, features, weight
 
 
-def _setup(cfg: TrainConfig, train_version: int | None, spark: "SparkSession | None" = None
-           ) -> tuple[RankSetup, dict[str, Any], Any, Any]:
+def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[RankSetup, dict[str, Any], Any, Any]:
     """Resolve tables, columns and the task, check the data, build the model here: a bad config,
     label or feature column fails before launch, naming the column and the fix."""
     from sparkdl.features import LabelInfo, TableFeatures, check_table, feature_of, infer_task, scan_columns
@@ -116,8 +116,6 @@ def _setup(cfg: TrainConfig, train_version: int | None, spark: "SparkSession | N
         if absent:
             raise ValueError(f"validation table {valid_uri} lacks columns {absent} of the training table")
         check_table(vsnap, label=label, task=task, features=feats, weight=weight)
-    if spark is not None and not cfg.local_mode:
-        ship_to_executors(spark, [cfg.model, cfg.loss or ""], what="model/loss")
     table = TableFeatures(features=tuple(feats), spec=_spec_json(train_uri, snap.version),
                           label=LabelInfo(name=label, task=task.name, num_classes=task.num_classes,
                                           output_dim=task.output_dim))
@@ -266,19 +264,10 @@ def _nonfinite_error(bad: dict[str, Any]) -> Exception:
     return NonFiniteGradientError(bad["step"], bad["what"], bad["value"], bad["checkpoint"])
 
 
-def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids: str | None = None,
-        on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
-    """Train ``config.model`` on the ranks and publish it when ``config.model_name`` is set.
-
-    The table, columns and model are checked (one forward pass) on the driver before any rank
-    starts. A failed rank relaunches the stage (``max_attempts``) and training resumes from the
-    last checkpoint of the run; ``resume=True`` continues an earlier ``run_id`` the same way.
-    ``on_epoch(row)`` is called on the driver with each epoch's history row as it arrives (on a
-    background thread; an exception in it is logged, not raised); ``progress`` shows a tqdm bar.
-    ``log_row_ids`` (tests): a column whose values each rank logs per step to the run folder."""
-    start = time.perf_counter()
-    if not config.local_mode and spark is None:
-        raise ValueError("fit needs spark= for barrier mode, or TrainConfig(local_mode=True)")
+def _prepare(config: TrainConfig, log_row_ids: str | None
+             ) -> tuple[str, bool, dict[str, Any] | None, RankSetup, dict[str, Any], Any]:
+    """The driver's checks before launch, where the lakehouse is reachable: the run folder, the
+    checkpoint to resume, tables, columns, task and one forward pass of the model."""
     run_dir = Lakehouse(config.lakehouse).run(config.run_id)
     exists = _fs.exists(run_dir)
     if exists and not config.resume:
@@ -288,32 +277,20 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
     if log_row_ids and _fs.local_path(run_dir) is None:
         raise ValueError("log_row_ids needs a local lakehouse (it appends to files in the run folder)")
     earlier = _resume_state(config, run_dir) if config.resume else None
-    setup, lineage, spec, model = _setup(config, earlier["train_version"] if earlier else config.train_version,
-                                         spark=spark)
+    setup, lineage, spec, _model = _setup(config, earlier["train_version"] if earlier else config.train_version)
     setup = replace(setup, run_dir=run_dir, run_dir_local=_fs.local_path(run_dir), log_row_ids=log_row_ids)
-    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
-    sizes = allowed_sizes(config, base_ranks=earlier["base_ranks"] if earlier else config.num_ranks)
-    if config.num_ranks not in sizes:
-        sizes = sorted(set(sizes) | {config.num_ranks})  # the start size was checked above (resume) or is the base
-    launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
-                          max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env,
-                          pg_timeout_s=config.collective_timeout_s, world_sizes=tuple(sizes))
-    if not config.local_mode:
-        check_capacity(spark, replace(launch, num_ranks=min(sizes)))
-    if not exists:  # only now: a config that fails the checks above leaves no run folder behind
-        _fs.write_text(_fs.join(run_dir, "config.json"), json.dumps(asdict(config), indent=2, default=str))
-    display = DriverProgress(on_epoch=on_epoch, earlier=earlier["history"] if earlier else [], show=progress)
-    out: dict[str, Any] | None = None
-    try:
-        out = run_distributed(
-            train_rank, config, setup, spark=None if config.local_mode else spark, on_progress=display, config=launch)
-    finally:
-        display.finish(out.get("history") if out and "nonfinite" not in out else None)
+    return run_dir, exists, earlier, setup, lineage, spec
+
+
+def _finish(config: TrainConfig, setup: RankSetup, lineage: dict[str, Any], spec: Any, out: dict[str, Any],
+            run_dir: str) -> tuple[dict[str, Any], str | None, str, int | None]:
+    """After the ranks, where the lakehouse is reachable: the step log, the curves and the
+    published model; (lineage, curves path, step log path, model version)."""
     steps = read_step_metrics(run_dir)
     step_log = _fs.join(run_dir, "metrics.jsonl")
     _fs.write_text(step_log, "".join(json.dumps(r) + "\n" for r in steps))
-    if "nonfinite" in out:
-        raise _nonfinite_error(out["nonfinite"])
+    if "nonfinite" in out:  # raised by the caller: the error class travels back from a cluster task as is
+        return lineage, None, step_log, None
     curves = _curves(run_dir, steps, out["history"])
     if out.get("strategy"):  # the strategy and its parameters, as it ran
         lineage = {**lineage, "strategy": out["strategy"]}
@@ -326,7 +303,9 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
 
         from sparkdl.registry import publish_model
 
+        model = None
         if out.get("weights_uri") is None:
+            model = _build_model(config, setup.features)
             model.load_state_dict(out["state_dict"])
         mv = publish_model(
             config.lakehouse, config.model_name,
@@ -344,6 +323,51 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
             metrics=out["metrics"], preprocessing=spec, extra_files={"curves.png": curves} if curves else None,
         )
         version = mv.version
+    return lineage, curves, step_log, version
+
+
+def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids: str | None = None,
+        on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train ``config.model`` on the ranks and publish it when ``config.model_name`` is set.
+
+    The table, columns and model are checked (one forward pass) on the driver before any rank
+    starts. A failed rank relaunches the stage (``max_attempts``) and training resumes from the
+    last checkpoint of the run; ``resume=True`` continues an earlier ``run_id`` the same way.
+    ``on_epoch(row)`` is called on the driver with each epoch's history row as it arrives (on a
+    background thread; an exception in it is logged, not raised); ``progress`` shows a tqdm bar.
+    ``log_row_ids`` (tests): a column whose values each rank logs per step to the run folder.
+
+    From a Spark Connect client, the checks before launch and the publishing after it run in a
+    task on the cluster (``sparkdl.session.on_storage``), so the client needs no access to the
+    lakehouse; the epochs' rows then arrive with the result, not as they happen."""
+    start = time.perf_counter()
+    if not config.local_mode and spark is None:
+        raise ValueError("fit needs spark= for barrier mode, or TrainConfig(local_mode=True)")
+    cluster = None if config.local_mode else spark
+    if cluster is not None:
+        ship_to_executors(cluster, [config.model, config.loss or ""], what="model/loss")
+    run_dir, exists, earlier, setup, lineage, spec = on_storage(cluster, _prepare, config, log_row_ids)
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if config.deterministic and config.use_gpu else {}
+    sizes = allowed_sizes(config, base_ranks=earlier["base_ranks"] if earlier else config.num_ranks)
+    if config.num_ranks not in sizes:
+        sizes = sorted(set(sizes) | {config.num_ranks})  # the start size was checked above (resume) or is the base
+    launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
+                          max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env,
+                          pg_timeout_s=config.collective_timeout_s, world_sizes=tuple(sizes))
+    if cluster is not None:
+        check_capacity(cluster, replace(launch, num_ranks=min(sizes)))
+    if not exists:  # only now: a config that fails the checks above leaves no run folder behind
+        on_storage(cluster, _fs.write_text, _fs.join(run_dir, "config.json"),
+                   json.dumps(asdict(config), indent=2, default=str))
+    display = DriverProgress(on_epoch=on_epoch, earlier=earlier["history"] if earlier else [], show=progress)
+    out: dict[str, Any] | None = None
+    try:
+        out = run_distributed(train_rank, config, setup, spark=cluster, on_progress=display, config=launch)
+    finally:
+        display.finish(out.get("history") if out and "nonfinite" not in out else None)
+    lineage, curves, step_log, version = on_storage(cluster, _finish, config, setup, lineage, spec, out, run_dir)
+    if "nonfinite" in out:
+        raise _nonfinite_error(out["nonfinite"])
     return TrainResult(run_id=config.run_id, run_dir=run_dir, model_name=config.model_name,
                        model_version=version, metrics=out["metrics"], history=out["history"], steps=out["steps"],
                        curves_png=curves, checkpoint=out["checkpoint"], elapsed=time.perf_counter() - start,
