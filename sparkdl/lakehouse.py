@@ -243,7 +243,7 @@ def read_table(
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    snap = snapshot(uri, version, storage_options=storage_options)
+    snap = on_storage(spark, snapshot, uri, version, storage_options=storage_options)
     full = from_arrow_schema(pa.schema([f.remove_metadata() for f in snap.schema]))
     data_schema = type(full)([f for f in full.fields if f.name not in snap.partition_columns])
     if not snap.files:
@@ -379,7 +379,7 @@ def write_table(
     flat = [f.name for f in arrow_schema if f.name not in partition_by and not pa.types.is_nested(f.type)]
     try:
         writer = (
-            df.write.mode("errorifexists")
+            df.write.mode("error")
             .option("parquet.block.size", str(row_group_mb << 20))
             .option("maxRecordsPerFile", str(max_rows))
             .option("compression", "snappy")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sparkdl import _fs
 from sparkdl.errors import failure_reason
 from sparkdl.lakehouse import Lakehouse, read_table, table_exists, table_version
+from sparkdl.session import on_storage
 from sparkdl.tracking import Tracker, TrackingConfig, epoch_metrics, log_train_result, make_tracker
 
 if TYPE_CHECKING:
@@ -220,15 +221,24 @@ def _stage_etl(spark: "SparkSession", config: PipelineConfig) -> dict[str, Any]:
     lh = Lakehouse(config.lakehouse)
     load_etl_config(_config_path(config), lh.root)  # a bundled config: its raw files, before the fingerprint
     marker = _etl_marker(config)
-    if not config.force_etl and _fs.exists(marker):
-        done = json.loads(_fs.read_text(marker))
-        if _etl_is_current(lh, done):
+    if not config.force_etl:
+        done = on_storage(spark, _current_etl, lh, marker)
+        if done is not None:
             return {**done, "skipped": True}
     result = run_etl_config(_etl_config(config), spark=spark, lakehouse=lh.root)
     summary = _jsonable(result)
     summary.update(rows_train=result.rows_train, rows_valid=result.rows_valid)
-    _fs.write_text(marker, json.dumps(summary, indent=2))  # atomic: a crash leaves the old marker or none
+    # atomic: a crash leaves the old marker or none
+    on_storage(spark, _fs.write_text, marker, json.dumps(summary, indent=2))
     return {**summary, "skipped": False}
+
+
+def _current_etl(lh: Lakehouse, marker: str) -> dict[str, Any] | None:
+    """The marked ETL run's summary when its tables are still the versions it wrote, else None."""
+    if not _fs.exists(marker):
+        return None
+    done = json.loads(_fs.read_text(marker))
+    return done if _etl_is_current(lh, done) else None
 
 
 def _model_name(config: PipelineConfig, etl: "ETLConfig") -> str:
@@ -287,7 +297,7 @@ def _stage_evaluate(spark: "SparkSession", config: PipelineConfig, model_version
     etl, names = _names(config)
     lh = Lakehouse(config.lakehouse)
     uri = lh.table(names["valid"])
-    label, ident = _label_and_id(snapshot(uri).dataset_schema)
+    label, ident = _label_and_id(on_storage(spark, snapshot, uri).dataset_schema)
     task = label.kind or ("binary" if label.type.startswith("int") else "regression")
     scored = predict_dataframe(
         read_table(spark, uri), lakehouse=lh.root, model_name=_model_name(config, etl), model_version=model_version,
@@ -337,7 +347,7 @@ def _stage_predict(spark: "SparkSession", config: PipelineConfig, model_version:
 
     etl, names = _names(config)
     lh = Lakehouse(config.lakehouse)
-    _, ident = _label_and_id(snapshot(lh.table(names["train"])).dataset_schema)
+    _, ident = _label_and_id(on_storage(spark, snapshot, lh.table(names["train"])).dataset_schema)
     res = predict_table(
         PredictConfig(
             lakehouse=config.lakehouse, model_name=_model_name(config, etl), model_version=model_version,

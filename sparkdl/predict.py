@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparkdl.errors import MissingColumnsError
 from sparkdl.lakehouse import Lakehouse, normalize_uri, read_table, snapshot, write_table
+from sparkdl.session import on_storage
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -277,8 +278,9 @@ def predict_dataframe(
     from sparkdl.registry import trusted_modules as _trusted
 
     # Resolved here (argument, env, Spark conf) and shipped: executors trust exactly what the driver does.
-    trusted = _trusted(trusted_modules, spark=df.sparkSession)
-    mv = get_model_version(lakehouse, model_name, model_version)
+    spark = df.sparkSession
+    trusted = _trusted(trusted_modules, spark=spark)
+    mv = on_storage(spark, get_model_version, lakehouse, model_name, model_version)
     check_model_factory(mv, trusted)  # fail here, not in every Python worker
     input_columns = list(mv.model_config.get("input_columns") or [])
     if not input_columns:
@@ -296,7 +298,7 @@ def predict_dataframe(
             )
         mv.model_config["input_columns"] = input_columns
     task = task_of(mv.model_config)
-    specs = _input_specs(mv, input_schema)
+    specs = on_storage(spark, _input_specs, mv, input_schema)
     prepared = _prepare_inputs(df, input_columns, mv.preprocessing)
     if keep_columns is None:
         ids = [c.name for c in input_schema.with_role("id")] if input_schema is not None else []
@@ -346,7 +348,7 @@ def evaluate_dataframe(
     multilabel accuracy/subset_accuracy/macro_f1, regression rmse/mae/r2) plus ``rows``."""
     from sparkdl.registry import get_model_version
 
-    mv = get_model_version(lakehouse, model_name, model_version)
+    mv = on_storage(df.sparkSession, get_model_version, lakehouse, model_name, model_version)
     label = label_column or mv.model_config.get("label_column")
     if not label or label not in df.columns:
         raise MissingColumnsError("evaluation (the label column; pass label_column=)", [str(label)], list(df.columns))
@@ -369,8 +371,8 @@ def predict_table(config: PredictConfig, *, spark: "SparkSession") -> PredictRes
     from sparkdl.registry import get_model_version
 
     # Resolve "latest" once, so the rows and the commit name the same model version.
-    mv = get_model_version(config.lakehouse, config.model_name, config.model_version).version
-    snap = snapshot(input_uri, config.input_version)
+    mv = on_storage(spark, get_model_version, config.lakehouse, config.model_name, config.model_version).version
+    snap = on_storage(spark, snapshot, input_uri, config.input_version)
     df = read_table(spark, input_uri, snap.version)
     scored = predict_dataframe(
         df, lakehouse=config.lakehouse, model_name=config.model_name, model_version=mv,

@@ -35,6 +35,7 @@ from sparkdl.etl.config import ETLConfig
 from sparkdl.etl.sources import apply_joins, label_rule, parse, read_source, split_column
 from sparkdl.lakehouse import Lakehouse, WriteResult, table_exists, write_table
 from sparkdl.preprocess import PreprocessingSpec, save_spec, spec_commit_metadata
+from sparkdl.session import on_storage
 from sparkdl.schema import ColumnSpec, DatasetSchema
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
     names = config.table_names()
     tables = {name: lh.table(name) for name in names.values()}
     if config.mode == "error":
-        existing = [n for n, uri in tables.items() if table_exists(uri)]
+        existing = on_storage(spark, _existing_tables, tables)
         if existing:
             raise ValueError(f"tables {existing} already exist under {lh.root}; pass mode='overwrite' "
                              "(--mode overwrite) to write new versions")
@@ -354,7 +355,7 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
         _raise_on_nulls(encoded_schema, counted)
         lap("check")
 
-        spec_path, spec_sha = save_spec(spec, lh.root)
+        spec_path, spec_sha = on_storage(spark, save_spec, spec, lh.root)
         expected = {names["rejects"]: rows_rejected, **{names[s]: split_counts.get(s, 0) for s in config.split.names}}
         if "clean" in names:
             expected[names["clean"]] = rows_clean
@@ -391,6 +392,10 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
         table_versions={n: w.version for n, w in writes.items()}, spec_path=spec_path, spec_sha256=spec_sha,
         analyzer_jobs=jobs, seconds=seconds,
     )
+
+
+def _existing_tables(tables: dict[str, str]) -> list[str]:
+    return [n for n, uri in tables.items() if table_exists(uri)]
 
 
 def format_etl_result(name: str, result: Any) -> str:
