@@ -215,7 +215,7 @@ class PreprocessingSpec:
             out[self.label["column"]] = spark_label(self.label, F.col(self.label["source"]))
         if self.weight_column and self.weight_column in df.columns:
             out[self.weight_column] = F.col(self.weight_column).try_cast("double").cast("float")
-        return df.withColumns(out)
+        return df.withColumns(out) if out else df  # Connect refuses an empty withColumns
 
     def encode_pandas(self, pdf: "pd.DataFrame") -> "pd.DataFrame":
         """Same encoding as ``encode``, on a pandas DataFrame (returns a new frame)."""

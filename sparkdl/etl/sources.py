@@ -89,8 +89,9 @@ def parse(raw: "DataFrame", config: ETLConfig) -> "DataFrame":
     if config.sample_fraction < 1.0:
         keep = F.pmod(F.xxhash64(F.col(config.id.column), F.lit("sample")), F.lit(1_000_000))
         df = df.where(keep < int(config.sample_fraction * 1e6))
-    df = df.withColumns({f"_raw_{c}": F.col(c) for c in config.columns})
-    df = df.withColumns({c: parse_value(F.col(f"_raw_{c}"), t) for c, t in config.columns.items()})
+    if config.columns:  # Spark Connect refuses an empty withColumns
+        df = df.withColumns({f"_raw_{c}": F.col(c) for c in config.columns})
+        df = df.withColumns({c: parse_value(F.col(f"_raw_{c}"), t) for c, t in config.columns.items()})
     checks = [F.when(F.col(f"_raw_{c}" if c in config.columns else c).isNull(), F.lit(f"missing:{c}"))
               for c in config.rules.required]
     if config.split.time_column:
