@@ -36,7 +36,7 @@ TOKEN_KEY = "_sparkdl_token"
 _MAX_LINE = 1 << 20
 
 
-def _jsonable(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     """Make numpy/torch scalars and other odd values JSON-safe instead of failing the send."""
     item = getattr(obj, "item", None)
     if callable(item):
@@ -220,7 +220,7 @@ class ProgressClient:
             body = {**event, "rank": self._rank, TOKEN_KEY: self._token}
             if internal:
                 body.update({INTERNAL_KEY: internal, "attempt": self._attempt})
-            line = json.dumps(body, default=_jsonable).encode() + b"\n"
+            line = json.dumps(body, default=json_default).encode() + b"\n"
             self._queue.put_nowait(line)
         except Exception:  # queue.Full, unserializable event: never the caller's problem
             self._dropped += 1

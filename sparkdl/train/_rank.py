@@ -23,6 +23,7 @@ from sparkdl._gpu import cuda_ordinal
 from sparkdl.errors import NonRetryableError, is_retryable
 from sparkdl.train import context as _context
 from sparkdl.train._progress_channel import ProgressClient
+from sparkdl.train._progress_files import ProgressFileWriter
 
 __all__: list[str] = []  # internal to sparkdl.train
 
@@ -104,8 +105,11 @@ def run_rank(payload: bytes, *, rank: int, world_size: int, local_rank: int, mas
     saved_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     saved_rng = torch.get_rng_state()
     backend = spec["backend"]
-    reporter = (ProgressClient(spec["progress"], rank, attempt, token=spec.get("progress_token", ""))
-                if spec.get("progress") else None)
+    reporter: Any = None
+    if spec.get("progress"):
+        reporter = ProgressClient(spec["progress"], rank, attempt, token=spec.get("progress_token", ""))
+    elif spec.get("progress_dir") and spec.get("user_events"):
+        reporter = ProgressFileWriter(spec["progress_dir"], rank, attempt)
     store = None
     try:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),

@@ -339,7 +339,8 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
 
     From a Spark Connect client, the checks before launch and the publishing after it run in a
     task on the cluster (``sparkdl.session.on_storage``), so the client needs no access to the
-    lakehouse; the epochs' rows then arrive with the result, not as they happen."""
+    lakehouse; progress then travels through the run folder (read from the client when it can reach
+    the storage), and the epochs' rows arrive with the result at the latest."""
     start = time.perf_counter()
     if not config.local_mode and spark is None:
         raise ValueError("fit needs spark= for barrier mode, or TrainConfig(local_mode=True)")
@@ -353,7 +354,8 @@ def fit(config: TrainConfig, *, spark: "SparkSession | None" = None, log_row_ids
         sizes = sorted(set(sizes) | {config.num_ranks})  # the start size was checked above (resume) or is the base
     launch = LaunchConfig(num_ranks=config.num_ranks, local_mode=config.local_mode, use_gpu=config.use_gpu,
                           max_attempts=config.max_attempts, start_timeout_s=config.start_timeout_s, env=env,
-                          pg_timeout_s=config.collective_timeout_s, world_sizes=tuple(sizes))
+                          pg_timeout_s=config.collective_timeout_s, world_sizes=tuple(sizes),
+                          progress_dir=_fs.join(run_dir, "progress"))
     if cluster is not None:
         check_capacity(cluster, replace(launch, num_ranks=min(sizes)))
     if not exists:  # only now: a config that fails the checks above leaves no run folder behind

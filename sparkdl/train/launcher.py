@@ -34,6 +34,7 @@ from sparkdl.session import (
     task_slots,
 )
 from sparkdl.train._progress_channel import ProgressServer
+from sparkdl.train._progress_files import ProgressFileReader
 from sparkdl.train._rank import FAILURE_MARKER, barrier_task, listen_socket, local_process_main
 
 if TYPE_CHECKING:
@@ -78,6 +79,10 @@ class LaunchConfig:
     """torch.set_num_threads (and OMP_NUM_THREADS) in each rank; None leaves torch's default."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for each rank (restored afterwards in reused Python workers)."""
+    progress_dir: str | None = None
+    """Where ranks leave their progress events when the caller cannot be reached (a Spark Connect
+    client); the caller reads them from there when it can reach that storage. None: no live
+    progress then, only the result."""
     world_sizes: tuple[int, ...] | None = None
     """Elastic: the world sizes a relaunch may pick (the largest the cluster's free slots allow, so a
     relaunch shrinks after losing executors and grows when slots come back); None = num_ranks only."""
@@ -145,12 +150,14 @@ def run_distributed(fn: Callable[..., T], *args: Any, spark: "SparkSession | Non
     remote = not config.local_mode and is_connect(spark)
     channel = contextlib.nullcontext(None) if remote else ProgressServer(on_progress, bind_host=bind,
                                                                          advertise_host=advertise)
-    with channel as server:
+    files = ProgressFileReader(config.progress_dir, on_progress) if remote and config.progress_dir else None
+    with channel as server, files or contextlib.nullcontext():
         try:
             payload = cloudpickle.dumps({
                 "fn": fn, "args": args, "kwargs": kwargs, "backend": config.resolved_backend,
                 "env": dict(config.env), "torch_threads": config.torch_threads, "pg_timeout_s": config.pg_timeout_s,
                 "progress": server.address if server else None, "progress_token": server.token if server else "",
+                "progress_dir": config.progress_dir if remote else None,
                 "user_events": on_progress is not None,
             })
         except Exception as e:
