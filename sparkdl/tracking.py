@@ -261,7 +261,7 @@ def log_train_result(
     if getattr(result, "curves_png", None):
         tracker.log_artifact(result.curves_png)
     tags = {"run_id": result.run_id}
-    if getattr(result, "model_version", None):
+    if getattr(result, "model_version", None) and not isinstance(tracker, NullTracker):
         from sparkdl.registry import get_model_version
 
         mv = get_model_version(lakehouse, result.model_name, result.model_version)
