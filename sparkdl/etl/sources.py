@@ -64,7 +64,7 @@ def parse_value(col: "Column", type_name: str) -> "Column":
     """``col`` as ``type_name``: null when it does not parse; NaN and infinities count as unparseable."""
     from pyspark.sql import functions as F
 
-    x = col.try_cast(_SPARK_TYPES[type_name])
+    x = col.try_cast(_SPARK_TYPES.get(type_name, type_name))  # decimal(p,s): as written
     if type_name in ("float", "double"):
         return F.when(~F.isnan(x) & (F.abs(x) != F.lit(float("inf"))), x)
     return x
