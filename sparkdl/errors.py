@@ -207,7 +207,7 @@ def is_retryable(e: BaseException) -> bool:
 # One-line reasons for jobs: a scheduler shows the last line of a failed job, so it must say why.
 # ---------------------------------------------------------------------------------------
 _TRACEBACK = "Traceback (most recent call last):"
-_REASON_LIMIT = 400
+_REASON_LIMIT = 600
 
 
 def _spark_failure(e: BaseException) -> bool:
@@ -267,4 +267,9 @@ def failure_reason(e: BaseException) -> str:
 
 
 def _clip(line: str) -> str:
-    return line if len(line) <= _REASON_LIMIT else line[: _REASON_LIMIT - 3] + "..."
+    """At most _REASON_LIMIT characters, cut in the middle: a reason opens with what is wrong and
+    ends with the fix, and both must survive."""
+    if len(line) <= _REASON_LIMIT:
+        return line
+    head = _REASON_LIMIT * 2 // 5
+    return line[:head] + " ... " + line[-(_REASON_LIMIT - head - 5):]
