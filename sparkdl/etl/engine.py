@@ -33,7 +33,7 @@ from sparkdl.errors import SchemaMismatchError
 from sparkdl.etl.analyzers import VocabRequest, count_jobs, fit_images, fit_numeric, fit_vocabularies
 from sparkdl.etl.config import ETLConfig
 from sparkdl.etl.keys import is_numeric_type, numeric_type_error
-from sparkdl.etl.sources import apply_joins, label_rule, parse, read_source, split_column
+from sparkdl.etl.sources import apply_joins, check_sources, label_rule, parse, read_source, split_column
 from sparkdl.lakehouse import Lakehouse, WriteResult, table_exists, write_table
 from sparkdl.preprocess import PreprocessingSpec, save_spec, spec_commit_metadata
 from sparkdl.schema import ColumnSpec, DatasetSchema
@@ -145,6 +145,10 @@ def _rows_and_nulls(df: "DataFrame", key: str, schema: DatasetSchema) -> dict[An
         r[key]: (int(r["_rows"]), {c: int(r[f"_nulls{i}"] or 0) for i, c in enumerate(required)})
         for r in df.groupBy(key).agg(*aggs).collect()
     }
+
+
+_INTERNAL = ("reason", "split")
+"""Columns the ETL adds to the user's rows (the reject reason, the split name)."""
 
 
 def _label_error(config: ETLConfig, rows: int) -> str:
@@ -278,6 +282,7 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
     from pyspark.sql import functions as F
 
     lh = Lakehouse(lakehouse)
+    check_sources(config, lh.root)
     names = config.table_names()
     tables = {name: lh.table(name) for name in names.values()}
     if config.mode == "error":
@@ -320,7 +325,7 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
         from sparkdl.errors import MissingColumnsError
 
         raise MissingColumnsError(f"the {config.dataset} ETL (features, label and weight)", missing,
-                                  [c for c in joined.columns if not c.startswith("_")])
+                                  [c for c in joined.columns if not c.startswith("_") and c not in _INTERNAL])
     clean = joined.select(*_clean_columns(config))
     roles = {config.id.column: "id", **{t.input: "feature" for t in config.features}, config.label.source: "meta",
              "split": "meta", **({config.weight: "weight"} if config.weight else {})}
