@@ -28,6 +28,8 @@ __all__ = [
     "ModelNotFoundError",
     "UntrustedModelError",
     "MissingColumnsError",
+    "SpecIntegrityError",
+    "NoSpecRecordedError",
     "attempt_label",
     "failure_reason",
     "is_retryable",
@@ -188,6 +190,15 @@ class MissingColumnsError(NonRetryableError, ValueError):
         super().__init__(
             f"{what} needs columns {missing} that the input lacks; available columns: {available}"
         )
+
+
+class SpecIntegrityError(NonRetryableError, ValueError):
+    """A table's preprocessing spec file fails its checks (its SHA-256 differs from the one the
+    commit recorded, or it is not a valid spec); names the file. Training and scoring stop."""
+
+
+class NoSpecRecordedError(NonRetryableError, ValueError):
+    """A table version records no preprocessing spec (a table not written by the ETL)."""
 
 
 def is_retryable(e: BaseException) -> bool:

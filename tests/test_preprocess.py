@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -511,3 +512,34 @@ def test_a_missing_feature_column_lists_only_the_users_columns(spark, tmp_path):
     with pytest.raises(MissingColumnsError) as info:
         run_etl_config(config, spark=spark, lakehouse=str(tmp_path / "lh"))
     assert str(info.value).endswith("needs columns ['nope'] that the input lacks; available columns: ['x', 'y', 'rid']")
+
+
+@pytest.mark.parametrize("tamper", ["edit", "invalid"])
+def test_fit_stops_on_a_spec_that_fails_its_checks_naming_the_file(spark, tmp_path, tamper):
+    from sparkdl.errors import SpecIntegrityError
+    from sparkdl.train import TrainConfig, fit
+
+    rows = "rid,x,y\n" + "".join(f"{i},{i % 7}.5,{i % 2}\n" for i in range(40))
+    config = _toy(tmp_path, rows, columns={"x": "double", "y": "int"})
+    lake = str(tmp_path / "lh")
+    res = run_etl_config(config, spark=spark, lakehouse=lake)
+    path = Path(res.spec_path.removeprefix("file://"))
+    text = path.read_text()
+    if tamper == "edit":  # same keys, another mean: the SHA-256 recorded in the commit no longer matches
+        path.write_text(text.replace('"mean": ', '"mean": 1'))
+        match = r"the spec file .*json of table .*toy_train v\d+ was changed after the commit"
+    else:  # content that fails validation, with the recorded SHA-256 made to match by hand
+        bad = text.replace('"dataset": "toy"', '"dataset": ""')
+        path.write_text(bad)
+        _rewrite_recorded_sha(lake, "toy_train", spec_sha256(bad))
+        match = r"the spec file .*json of table .*toy_train v\d+ is not a valid spec \(dataset must be"
+    with pytest.raises(SpecIntegrityError, match=match):
+        fit(TrainConfig(lakehouse=lake, train_table="toy_train", model="tabular_mlp", label_column="label",
+                        local_mode=True, epochs=1))
+    assert not (Path(lake) / "models").exists()  # nothing published
+
+
+def _rewrite_recorded_sha(lake: str, table: str, sha: str) -> None:
+    log = Path(lake) / "tables" / table / "_delta_log"
+    for f in log.glob("*.json"):
+        f.write_text(re.sub(r'("sparkdl.spec_sha256":\s*")[0-9a-f]+', rf"\g<1>{sha}", f.read_text()))
