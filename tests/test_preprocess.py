@@ -295,7 +295,7 @@ BASE = {
     ({"features": [{"input": "x", "type": "tokens"}]}, r"tokens needs length >= 1"),
     ({"features": [{"input": "x", "type": "standardize", "output": "label"}]}, r"output columns \['label'\]"),
     ({"sources": {"rows": {"format": "xlsx", "path": "a"}}}, r"config.sources.rows: format 'xlsx'"),
-    ({"columns": {"x": "decimal"}}, r"columns\['x'\]: type 'decimal'"),
+    ({"columns": {"x": "money"}}, r"columns\['x'\]: type 'money' is not one of"),
 ], ids=["transform", "ratios", "task", "unknown-key", "buckets", "tokens", "dupe-output", "format", "parse-type"])
 def test_config_errors_name_the_key_and_fix(change, message):
     with pytest.raises(ValueError, match=message):
