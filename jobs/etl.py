@@ -49,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from sparkdl.errors import SparkDLError, failure_reason, spark_exceptions
     from sparkdl.session import spark_master
     from sparkdl.etl import format_etl_result, load_etl_config, run_etl, run_etl_config
+    from sparkdl.etl.sources import check_sources
 
     try:
         # The config is read and checked before a JVM starts.
         if args.config:
-            config = load_etl_config(args.config)
+            config = load_etl_config(args.config, args.lakehouse)  # a bundled config: its raw files ingested
             changes = {k: v for k, v in (("mode", args.mode), ("sample_fraction", args.sample_fraction)) if v is not None}
             config = config.with_overrides(**changes) if changes else config
+            check_sources(config, args.lakehouse)
         else:
             from sparkdl.examples.bundled import FlightsETLConfig
 
@@ -67,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         # Which master ran the job: under spark-submit, the one spark-submit was given.
         print(f"spark master: {spark_master(spark)}", flush=True)
         if args.config:
-            load_etl_config(args.config, args.lakehouse)  # a bundled config: ingest its raw files
             results = {config.dataset: run_etl_config(config, spark=spark, lakehouse=args.lakehouse)}
         else:
             results = run_etl(spark=spark, lakehouse=args.lakehouse, dataset=args.dataset or "all", config=flights)

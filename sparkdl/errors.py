@@ -28,6 +28,8 @@ __all__ = [
     "ModelNotFoundError",
     "UntrustedModelError",
     "MissingColumnsError",
+    "SpecIntegrityError",
+    "NoSpecRecordedError",
     "attempt_label",
     "failure_reason",
     "is_retryable",
@@ -190,6 +192,15 @@ class MissingColumnsError(NonRetryableError, ValueError):
         )
 
 
+class SpecIntegrityError(NonRetryableError, ValueError):
+    """A table's preprocessing spec file fails its checks (its SHA-256 differs from the one the
+    commit recorded, or it is not a valid spec); names the file. Training and scoring stop."""
+
+
+class NoSpecRecordedError(NonRetryableError, ValueError):
+    """A table version records no preprocessing spec (a table not written by the ETL)."""
+
+
 def is_retryable(e: BaseException) -> bool:
     """False when ``e`` or an exception it was raised from (``raise ... from``) is a
     ``NonRetryableError``: a relaunch of the run would only repeat it."""
@@ -207,7 +218,7 @@ def is_retryable(e: BaseException) -> bool:
 # One-line reasons for jobs: a scheduler shows the last line of a failed job, so it must say why.
 # ---------------------------------------------------------------------------------------
 _TRACEBACK = "Traceback (most recent call last):"
-_REASON_LIMIT = 400
+_REASON_LIMIT = 600
 
 
 def _spark_failure(e: BaseException) -> bool:
@@ -293,4 +304,9 @@ def failure_reason(e: BaseException) -> str:
 
 
 def _clip(line: str) -> str:
-    return line if len(line) <= _REASON_LIMIT else line[: _REASON_LIMIT - 3] + "..."
+    """At most _REASON_LIMIT characters, cut in the middle: a reason opens with what is wrong and
+    ends with the fix, and both must survive."""
+    if len(line) <= _REASON_LIMIT:
+        return line
+    head = _REASON_LIMIT * 2 // 5
+    return line[:head] + " ... " + line[-(_REASON_LIMIT - head - 5):]

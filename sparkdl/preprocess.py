@@ -24,7 +24,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from sparkdl.errors import MissingColumnsError, TableVersionError
+from sparkdl.errors import MissingColumnsError, NoSpecRecordedError, SpecIntegrityError, TableVersionError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -361,18 +361,23 @@ def load_spec_for_table(table_uri: str, version: int | None = None) -> Preproces
                     continue
                 want = entry.get(SPEC_SHA_KEY)
                 if want and spec_sha256(text) != want:
-                    raise ValueError(
+                    raise SpecIntegrityError(
                         f"the spec file {path} of table {uri} v{entry['version']} was changed after the commit "
                         f"(sha256 {spec_sha256(text)}, recorded {want}); re-run the ETL to rebuild spec and tables"
                     )
-                return PreprocessingSpec.from_json(text)
+                try:
+                    return PreprocessingSpec.from_json(text)
+                except (ValueError, TypeError) as e:
+                    raise SpecIntegrityError(
+                        f"the spec file {path} of table {uri} v{entry['version']} is not a valid spec ({e}); "
+                        "re-run the ETL to rebuild spec and tables") from e
             raise FileNotFoundError(
                 f"table {uri} v{entry['version']} names a preprocessing spec that cannot be read "
                 f"({'; '.join(errors)}); restore the specs/ folder of the lakehouse or re-run the ETL"
             )
         if _resets_table(entry):
             break
-    raise ValueError(
+    raise NoSpecRecordedError(
         f"version {target} of table {uri} records no preprocessing spec in its commit metadata "
         f"(key {SPEC_PATH_KEY!r}); write the table with the ETL (sparkdl.etl) or load the spec file directly"
     )

@@ -575,3 +575,22 @@ def test_collective_timeout_is_a_train_config_field():
     with pytest.raises(ValueError, match="collective_timeout_s"):
         TrainConfig(train_table="t", model="tabular_mlp", collective_timeout_s=0)
     assert TrainConfig(train_table="t", model="tabular_mlp", collective_timeout_s=30).collective_timeout_s == 30
+
+
+def test_untrusted_model_reason_keeps_its_whole_fix(tmp_path):
+    """A job prints failure_reason(e) as its one line: the fix at the end of a long reason survives."""
+    from sparkdl.errors import failure_reason
+    from sparkdl.registry import load_model
+
+    root = str(tmp_path / "lake")
+    _publish(root, "evil", "a_rather_long_package_name.with.several.levels.of_modules:build_the_model", {})
+    with pytest.raises(UntrustedModelError) as info:
+        load_model(root, "evil")
+    line = failure_reason(info.value)
+    assert "\n" not in line and len(line) <= 600
+    assert line.startswith("UntrustedModelError: model evil v1 names the factory")
+    module = "a_rather_long_package_name.with.several.levels.of_modules"
+    assert f"--conf spark.sparkdl.trustedModules={module}; or register the factory" in line
+    assert line.endswith("(sparkdl.models.register_model, or an entry point in group 'sparkdl.models')")
+    long = failure_reason(ValueError("x" * 700 + " the fix: do this"))
+    assert len(long) == 600 and long.endswith("the fix: do this") and " ... " in long

@@ -849,3 +849,23 @@ def test_batches_are_pinned_without_a_device(uneven_table):
     with TableLoader(uneven_table, config=cfg(pin_memory=True, columns=["id", "v"])) as loader:
         batch = next(iter(loader))
     assert batch["id"].is_pinned() and batch["v"].is_pinned() and batch["v"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("world, batch, shuffle", [(3, 4, True), (4, 2, False), (5, 3, True)])
+def test_padded_batches_carry_a_mask_false_exactly_for_the_repeats(tiny_table, world, batch, shuffle):
+    """11 rows on 3-5 ranks under remainder="pad": every rank reads ceil(11 / world) rows; the
+    batches' _valid mask is True for exactly one reading of each of the 11 rows."""
+    from sparkdl.data.loader import PAD_MASK
+
+    real = []
+    for rank in range(world):
+        config = cfg(batch_size=batch, drop_last=False, remainder="pad", shuffle=shuffle, shuffle_buffer_rows=8)
+        with TableLoader(tiny_table, rank=rank, world_size=world, config=config) as loader:
+            for b in loader:
+                mask = b[PAD_MASK]
+                assert mask.dtype == torch.bool and mask.shape == b["id"].shape
+                real += b["id"][mask].tolist()
+    assert sorted(real) == list(range(11))
+    # Without padding there is no mask.
+    with TableLoader(tiny_table, rank=0, world_size=2, config=cfg(batch_size=4, drop_last=False)) as loader:
+        assert all(PAD_MASK not in b for b in loader)

@@ -249,14 +249,34 @@ def test_tracking_off_run_imports_nothing_of_mlflow(two_runs):
     assert "evaluate       AUC" in proc.stdout
 
 
-def test_etl_fingerprint_covers_every_setting_and_the_marker_lives_in_the_lakehouse():
+def test_etl_fingerprint_covers_every_setting_and_the_marker_lives_in_the_lakehouse(tmp_path):
     from sparkdl.pipeline import _etl_fingerprint, _etl_marker
 
-    base = _etl_fingerprint(PipelineConfig())
-    assert base == _etl_fingerprint(PipelineConfig(epochs=5, lr=0.1))  # training settings don't touch the ETL
+    lake = str(tmp_path / "lake")  # never the working directory's ./lakehouse (make demo leaves one)
+    base = _etl_fingerprint(PipelineConfig(lakehouse=lake))
+    assert base == _etl_fingerprint(PipelineConfig(lakehouse=lake, epochs=5, lr=0.1))  # training settings don't count
     for change in ({"sample_fraction": 0.5}, {"min_count": 3}, {"valid_fraction": 0.3}):
-        assert _etl_fingerprint(PipelineConfig(**change)) != base, change
-    assert _etl_marker(PipelineConfig(lakehouse="s3a://bucket/lake")) == f"s3a://bucket/lake/pipeline/etl-{base}.json"
+        assert _etl_fingerprint(PipelineConfig(lakehouse=lake, **change)) != base, change
+    s3 = PipelineConfig(lakehouse="s3a://bucket/lake")
+    assert _etl_marker(s3) == f"s3a://bucket/lake/pipeline/etl-{_etl_fingerprint(s3)}.json"
+
+
+def test_a_stale_lakehouse_in_the_working_directory_changes_nothing(tmp_path, monkeypatch):
+    """``make demo`` leaves ./lakehouse behind, then ``make test`` runs in the same folder: a test
+    run (and any config naming its lakehouse) must not read it."""
+    from sparkdl.pipeline import _etl_fingerprint, _etl_marker
+
+    lake = str(tmp_path / "lake")
+    configs = [PipelineConfig(lakehouse=lake), PipelineConfig(lakehouse="s3a://bucket/lake")]
+    before = [(_etl_fingerprint(c), _etl_marker(c)) for c in configs]
+    stale = tmp_path / "cwd" / "lakehouse" / "raw" / "nycflights13"
+    stale.mkdir(parents=True)
+    for name in ("flights.csv", "weather.csv", "planes.csv", "airports.csv"):
+        (stale / name).write_text("year,month\n2013,1\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert [(_etl_fingerprint(c), _etl_marker(c)) for c in configs] == before
+    # The default lakehouse is the working directory's: there, the stale files do count.
+    assert _etl_fingerprint(PipelineConfig()) != _etl_fingerprint(PipelineConfig(lakehouse=lake))
 
 
 @pytest.mark.slow

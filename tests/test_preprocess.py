@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -294,7 +295,7 @@ BASE = {
     ({"features": [{"input": "x", "type": "tokens"}]}, r"tokens needs length >= 1"),
     ({"features": [{"input": "x", "type": "standardize", "output": "label"}]}, r"output columns \['label'\]"),
     ({"sources": {"rows": {"format": "xlsx", "path": "a"}}}, r"config.sources.rows: format 'xlsx'"),
-    ({"columns": {"x": "decimal"}}, r"columns\['x'\]: type 'decimal'"),
+    ({"columns": {"x": "money"}}, r"columns\['x'\]: type 'money' is not one of"),
 ], ids=["transform", "ratios", "task", "unknown-key", "buckets", "tokens", "dupe-output", "format", "parse-type"])
 def test_config_errors_name_the_key_and_fix(change, message):
     with pytest.raises(ValueError, match=message):
@@ -463,3 +464,82 @@ def test_readme_bring_your_own_data_config_runs_end_to_end(spark, tmp_path):
     for c in ("monthly_fee_z", "tenure_months_bucket", "plan_id", "tier_id", "country_hash", "label"):
         np.testing.assert_array_equal(enc[c].to_numpy(), train[c].to_numpy(), err_msg=c)
     np.testing.assert_allclose(enc.discount_z.to_numpy(), train.discount_z.to_numpy(), rtol=1e-6)
+
+
+# ----- errors that point at the fix (issue 20) -----------------------------------------------------------
+def _toy(tmp_path, csv: str, **changes) -> ETLConfig:
+    (tmp_path / "rows.csv").write_text(csv)
+    return ETLConfig.from_dict({**BASE, "config_dir": str(tmp_path), **changes})
+
+
+def test_standardize_of_a_string_column_names_the_column_and_the_fix(spark, tmp_path):
+    config = _toy(tmp_path, "rid,x,y\n1,red,1\n2,blue,0\n3,red,1\n", columns={"x": "string"})
+    with pytest.raises(ValueError) as info:
+        run_etl_config(config, spark=spark, lakehouse=str(tmp_path / "lh"))
+    assert str(info.value) == (
+        "features: standardize of column 'x' needs numbers, but 'x' is string; declare it numeric under columns "
+        "(x: double) or encode it with a vocabulary or hash transform")
+
+
+def test_a_string_regression_label_says_regression_needs_a_number(spark, tmp_path):
+    config = _toy(tmp_path, "rid,x,y\n1,1.0,cheap\n2,2.0,dear\n3,3.0,cheap\n",
+                  label={"source": "y", "task": "regression"}, columns={"x": "double"})
+    with pytest.raises(ValueError) as info:
+        run_etl_config(config, spark=spark, lakehouse=str(tmp_path / "lh"))
+    assert str(info.value) == (
+        "label.source 'y': none of the 3 rows holds a valid regression label (all rejected as invalid_label); "
+        "regression needs a numeric label: declare it under columns (y: double), or derive a number from it")
+
+
+def test_a_missing_source_file_names_the_yaml_key_before_spark_starts(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "toy.yaml").write_text(json.dumps({**BASE, "sources": {"rows": {"format": "csv", "path": "nope.csv"}}}))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "etl.py"), "--lakehouse", str(tmp_path / "lh"),
+                           "--config", str(tmp_path / "toy.yaml")], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, cwd=str(tmp_path))
+    assert proc.returncode == 1
+    assert "spark master" not in proc.stdout  # no session was started
+    assert proc.stderr.strip().splitlines() == [
+        f"sparkdl etl failed: FileNotFoundError: sources.rows.path: {tmp_path / 'nope.csv'} does not exist (given as 'nope.csv'); "
+        "fix the path in the config or put the data there"]
+
+
+def test_a_missing_feature_column_lists_only_the_users_columns(spark, tmp_path):
+    config = _toy(tmp_path, "rid,x,y\n1,1.0,1\n2,2.0,0\n", features=[{"input": "nope", "type": "standardize"}])
+    with pytest.raises(MissingColumnsError) as info:
+        run_etl_config(config, spark=spark, lakehouse=str(tmp_path / "lh"))
+    assert str(info.value).endswith("needs columns ['nope'] that the input lacks; available columns: ['x', 'y', 'rid']")
+
+
+@pytest.mark.parametrize("tamper", ["edit", "invalid"])
+def test_fit_stops_on_a_spec_that_fails_its_checks_naming_the_file(spark, tmp_path, tamper):
+    from sparkdl.errors import SpecIntegrityError
+    from sparkdl.train import TrainConfig, fit
+
+    rows = "rid,x,y\n" + "".join(f"{i},{i % 7}.5,{i % 2}\n" for i in range(40))
+    config = _toy(tmp_path, rows, columns={"x": "double", "y": "int"})
+    lake = str(tmp_path / "lh")
+    res = run_etl_config(config, spark=spark, lakehouse=lake)
+    path = Path(res.spec_path.removeprefix("file://"))
+    text = path.read_text()
+    if tamper == "edit":  # same keys, another mean: the SHA-256 recorded in the commit no longer matches
+        path.write_text(text.replace('"mean": ', '"mean": 1'))
+        match = r"the spec file .*json of table .*toy_train v\d+ was changed after the commit"
+    else:  # content that fails validation, with the recorded SHA-256 made to match by hand
+        bad = text.replace('"dataset": "toy"', '"dataset": ""')
+        path.write_text(bad)
+        _rewrite_recorded_sha(lake, "toy_train", spec_sha256(bad))
+        match = r"the spec file .*json of table .*toy_train v\d+ is not a valid spec \(dataset must be"
+    with pytest.raises(SpecIntegrityError, match=match):
+        fit(TrainConfig(lakehouse=lake, train_table="toy_train", model="tabular_mlp", label_column="label",
+                        local_mode=True, epochs=1))
+    assert not (Path(lake) / "models").exists()  # nothing published
+
+
+def _rewrite_recorded_sha(lake: str, table: str, sha: str) -> None:
+    log = Path(lake) / "tables" / table / "_delta_log"
+    for f in log.glob("*.json"):
+        f.write_text(re.sub(r'("sparkdl.spec_sha256":\s*")[0-9a-f]+', rf"\g<1>{sha}", f.read_text()))

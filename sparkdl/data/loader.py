@@ -36,6 +36,7 @@ from sparkdl.data.plan import (
     Visit,
     batches_per_epoch,
     block_visits,
+    complement,
     consumed_after,
     interval_rows,
     merge_intervals,
@@ -49,7 +50,11 @@ from sparkdl.data.source import PieceReader, list_pieces, loader_memory_pool, re
 from sparkdl.errors import EmptyTableError
 from sparkdl.schema import DatasetSchema
 
-__all__ = ["TableLoader"]
+__all__ = ["TableLoader", "PAD_MASK"]
+
+PAD_MASK = "_valid"
+"""Key of the boolean mask every batch carries under ``remainder="pad"``: False for a row that
+pads the rank (a repeat of a row another rank, or this one, reads in the same epoch)."""
 
 Batch = dict[str, Any]
 # Keys of state_dict() that must match on load_state_dict() for "resume at the next row" to hold.
@@ -477,12 +482,22 @@ class TableLoader:
                 self._active = prefetcher
                 _OPEN_LOADERS.add(self)
                 device = self._device
+                # Under "pad", unwrapped position q of the rank's range (rank * per_rank + offset)
+                # is a repeat when q >= the rows the leg has left (sparkdl/data/plan.py).
+                padded = leg.remainder == "pad"
+                if padded:
+                    left = interval_rows(complement(leg.consumed, self.num_rows))
+                    at = self.rank * per_rank + start * leg.batch_size
                 for item in prefetcher:
                     if item is _STOPPED:
                         raise RuntimeError(_STOPPED_MESSAGE)
                     for batch in (item if type(item) is list else item.batches()):
                         if prefetcher.closed:
                             raise RuntimeError(_STOPPED_MESSAGE)
+                        if padded and isinstance(batch, Mapping):
+                            n = len(next(iter(batch.values())))
+                            batch = {**batch, PAD_MASK: torch.arange(at, at + n) < left}
+                            at += n
                         if device is not None:
                             batch = self._to_device(batch)
                         self._position += 1

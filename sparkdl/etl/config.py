@@ -11,6 +11,8 @@ Paths in ``sources`` may use ``{lakehouse}`` (the lakehouse root the ETL writes 
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import math
 import types
@@ -33,13 +35,20 @@ __all__ = [
     "OutputConfig",
     "SOURCE_FORMATS",
     "PARSE_TYPES",
+    "is_parse_type",
     "TRANSFORMS",
     "TASKS",
     "SPLITS",
 ]
 
+def is_parse_type(name: str) -> bool:
+    """True for a declared column type (one of PARSE_TYPES, ``decimal(p,s)`` with numbers)."""
+    return name in PARSE_TYPES and name != "decimal(p,s)" or re.fullmatch(r"decimal(\(\d+,\s*\d+\))?", name) is not None
+
+
 SOURCE_FORMATS = ("csv", "parquet", "json", "delta", "table")
-PARSE_TYPES = ("int", "long", "float", "double", "string", "bool", "date", "timestamp", "binary")
+PARSE_TYPES = ("int", "long", "float", "double", "decimal(p,s)", "string", "bool", "date", "timestamp", "binary")
+"""Declared column types; ``decimal(p,s)`` with a precision and scale (``decimal`` alone: decimal(10,0))."""
 TRANSFORMS = ("standardize", "minmax", "numeric", "bucketize", "vocabulary", "hash", "tokens", "image")
 """Feature transforms; see docs/preprocessing.md for their exact semantics."""
 TASKS = ("binary", "multiclass", "multilabel", "regression")
@@ -94,7 +103,7 @@ class JoinColumn:
     """How repeated keys combine (avg, min, max, sum, count); default: the join's aggregate."""
 
     def __post_init__(self) -> None:
-        if self.type not in PARSE_TYPES:
+        if not is_parse_type(self.type):
             raise ValueError(f"type {self.type!r} is not one of {list(PARSE_TYPES)}")
         if self.agg is not None and self.agg not in _AGGREGATES:
             raise ValueError(f"agg {self.agg!r} is not one of {list(_AGGREGATES)}")
@@ -360,7 +369,7 @@ class ETLConfig:
     main: str | None = None
     """Name of the source holding the rows; default the first source."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Parse types of main-source columns (int, long, float, double, string, bool, date,
+    """Parse types of main-source columns (int, long, float, double, decimal(p,s), string, bool, date,
     timestamp, binary); a value that does not parse rejects the row (unparseable:<col>)."""
     joins: list[JoinConfig] = field(default_factory=list)
     """Joins onto the main rows, applied in order after validation."""
@@ -397,7 +406,7 @@ class ETLConfig:
             if j.source not in self.sources or j.source == self.main:
                 raise ValueError(f"joins[{i}].source {j.source!r} must name another source among {list(self.sources)}")
         for col, t in self.columns.items():
-            if t not in PARSE_TYPES:
+            if not is_parse_type(t):
                 raise ValueError(f"columns[{col!r}]: type {t!r} is not one of {list(PARSE_TYPES)}")
         if not self.features:
             raise ValueError("features needs at least one transform, e.g. {input: x, type: standardize}")

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from sparkdl.errors import SchemaMismatchError
 from sparkdl.etl.analyzers import VocabRequest, count_jobs, fit_images, fit_numeric, fit_vocabularies
 from sparkdl.etl.config import ETLConfig
-from sparkdl.etl.sources import apply_joins, label_rule, parse, read_source, split_column
+from sparkdl.etl.keys import is_numeric_type, numeric_type_error
+from sparkdl.etl.sources import apply_joins, check_sources, label_rule, parse, read_source, split_column
 from sparkdl.lakehouse import Lakehouse, WriteResult, table_exists, write_table
 from sparkdl.preprocess import PreprocessingSpec, save_spec, spec_commit_metadata
 from sparkdl.session import on_storage
@@ -147,6 +148,24 @@ def _rows_and_nulls(df: "DataFrame", key: str, schema: DatasetSchema) -> dict[An
     }
 
 
+_INTERNAL = ("reason", "split")
+"""Columns the ETL adds to the user's rows (the reject reason, the split name)."""
+
+
+def _label_error(config: ETLConfig, rows: int) -> str:
+    lab = config.label
+    need = {
+        "regression": "regression needs a numeric label: declare it under columns "
+                      f"({lab.source}: double), or derive a number from it",
+        "binary": "a binary label needs 0/1 values, a threshold (label.threshold) or the positive values "
+                  "(label.positive)",
+        "multiclass": f"with label.num_classes the label must hold ids 0..{(lab.num_classes or 1) - 1}; give "
+                      "label.classes (or neither, to fit them) when it holds names",
+    }.get(lab.task, "check label.task and its options")
+    return (f"label.source {lab.source!r}: none of the {rows} rows holds a valid {lab.task} label "
+            f"(all rejected as invalid_label); {need}")
+
+
 def _raise_on_nulls(schema: DatasetSchema, counted: dict[Any, tuple[int, dict[str, int]]]) -> None:
     totals: dict[str, int] = {}
     for _, nulls in counted.values():
@@ -167,6 +186,10 @@ def fit_spec(spark: "SparkSession", clean: "DataFrame", config: ETLConfig, *,
     train = clean.where(F.col("split") == "train")
     flagged = clean.withColumn("_is_train", F.col("split") == "train")
     feats = config.features
+    types = dict(clean.dtypes)
+    for t in feats:
+        if t.type in ("standardize", "minmax", "numeric", "bucketize") and not is_numeric_type(types[t.input]):
+            raise numeric_type_error(t.type, t.input, types[t.input])
     numeric_inputs = list(dict.fromkeys(t.input for t in feats if t.type == "standardize"))
     extremes = list(dict.fromkeys(t.input for t in feats if t.type == "minmax"))
     quantiles = {t.output: (t.input, [i / t.num_buckets for i in range(1, t.num_buckets)], t.accuracy)
@@ -200,6 +223,8 @@ def fit_spec(spark: "SparkSession", clean: "DataFrame", config: ETLConfig, *,
     transforms = []
     for t in feats:
         d = _transform_dict(t)
+        if t.type != "image":
+            d["input_type"] = types[t.input]
         if t.type == "standardize":
             st = stats.columns[t.input]
             d.update(mean=st["mean"], std=st["std"])
@@ -216,8 +241,11 @@ def fit_spec(spark: "SparkSession", clean: "DataFrame", config: ETLConfig, *,
     classes = sorted(vocabs["\0label"]) if fit_classes else None
     if fit_classes and not classes:
         raise ValueError(f"label.source {lab.source!r} holds no values to take classes from; check the input")
+    label = label_rule(config, classes) or {}
+    if label and lab.task != "multilabel":
+        label["source_type"] = types[lab.source]
     return PreprocessingSpec(
-        dataset=config.dataset, transforms=transforms, label=label_rule(config, classes) or {},
+        dataset=config.dataset, transforms=transforms, label=label,
         id_column=config.id.column, weight_column=config.weight, source=dict(source or {}),
     )
 
@@ -255,6 +283,7 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
     from pyspark.sql import functions as F
 
     lh = Lakehouse(lakehouse)
+    check_sources(config, lh.root)
     names = config.table_names()
     tables = {name: lh.table(name) for name in names.values()}
     if config.mode == "error":
@@ -297,7 +326,7 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
         from sparkdl.errors import MissingColumnsError
 
         raise MissingColumnsError(f"the {config.dataset} ETL (features, label and weight)", missing,
-                                  [c for c in joined.columns if not c.startswith("_")])
+                                  [c for c in joined.columns if not c.startswith("_") and c not in _INTERNAL])
     clean = joined.select(*_clean_columns(config))
     roles = {config.id.column: "id", **{t.input: "feature" for t in config.features}, config.label.source: "meta",
              "split": "meta", **({config.weight: "weight"} if config.weight else {})}
@@ -328,6 +357,8 @@ def run_etl_config(config: ETLConfig, *, spark: "SparkSession", lakehouse: str) 
                 f"{config.dataset} ETL lost rows: {rows_in} in, but {rows_clean} usable + {rows_rejected} rejected "
                 f"= {rows_clean + rows_rejected}; a join duplicated or dropped rows (check the join keys); "
                 "no table was written")
+        if reasons.get("invalid_label") and reasons["invalid_label"] == rows_in:
+            raise ValueError(_label_error(config, rows_in))
         if not split_counts.get("train"):
             raise ValueError(f"the training split of {config.dataset} is empty ({rows_in} rows in, "
                              f"{rows_rejected} rejected {reasons}); check the split and the rules")

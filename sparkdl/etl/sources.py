@@ -8,6 +8,7 @@ scan by inlining them, and a large inlined expression compiles to a method too b
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparkdl.errors import MissingColumnsError
@@ -16,10 +17,28 @@ from sparkdl.etl.config import ETLConfig, JoinConfig, SourceConfig
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
-__all__ = ["read_source", "parse", "apply_joins", "split_column", "parse_value"]
+__all__ = ["check_sources", "read_source", "parse", "apply_joins", "split_column", "parse_value"]
 
 _SPARK_TYPES = {"int": "int", "long": "bigint", "float": "float", "double": "double", "string": "string",
                 "bool": "boolean", "date": "date", "timestamp": "timestamp", "binary": "binary"}
+
+
+def check_sources(config: ETLConfig, lakehouse: str) -> None:
+    """``FileNotFoundError`` naming the YAML key when a local source path does not exist (no
+    Spark needed: jobs call it before the session starts). Remote URIs and globs are left to Spark."""
+    from sparkdl import _fs
+
+    for name, src in config.sources.items():
+        if src.format == "table" or not src.path:
+            continue
+        path = config.resolve(src.path, lakehouse)
+        if not _fs.is_local(path) or any(ch in path for ch in "*?[{"):
+            continue
+        local = path.removeprefix("file://")
+        if not Path(local).exists():
+            given = f" (given as {src.path!r})" if src.path != path else ""
+            raise FileNotFoundError(f"sources.{name}.path: {path} does not exist{given}; fix the path in the "
+                                    "config or put the data there")
 
 
 def read_source(spark: "SparkSession", config: ETLConfig, name: str, lakehouse: str) -> "DataFrame":
@@ -64,7 +83,7 @@ def parse_value(col: "Column", type_name: str) -> "Column":
     """``col`` as ``type_name``: null when it does not parse; NaN and infinities count as unparseable."""
     from pyspark.sql import functions as F
 
-    x = col.try_cast(_SPARK_TYPES[type_name])
+    x = col.try_cast(_SPARK_TYPES.get(type_name, type_name))  # decimal(p,s): as written
     if type_name in ("float", "double"):
         return F.when(~F.isnan(x) & (F.abs(x) != F.lit(float("inf"))), x)
     return x

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import io
 import re
-import zlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from sparkdl.etl.keys import (
+    is_numeric_type,
+    numeric_type_error,
+    pandas_float,
+    pandas_hash,
+    pandas_lookup,
+    pandas_values,
+    spark_float,
+    spark_hash,
+    spark_lookup,
+    spark_typed,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,20 +44,6 @@ _NP_OPS = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_
 # ---------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------
-def _spark_double(col: "Column") -> "Column":
-    """The value as a double, NaN as null."""
-    from pyspark.sql import functions as F
-
-    x = col.try_cast("double")
-    return F.when(~F.isnan(x), x)
-
-
-def _float_array(series: "pd.Series") -> np.ndarray:
-    import pandas as pd
-
-    return pd.to_numeric(series, errors="coerce").astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
-
-
 def is_null(v: Any) -> bool:
     if v is None:
         return True
@@ -88,8 +86,11 @@ def spark_feature(t: dict[str, Any], col: "Column") -> "Column":
     from pyspark.sql import functions as F
 
     kind = t["type"]
+    it = t.get("input_type")
+    if kind in ("standardize", "minmax", "numeric", "bucketize") and not is_numeric_type(it):
+        raise numeric_type_error(kind, t["input"], it)
     if kind in ("standardize", "minmax", "numeric"):
-        x = _spark_double(col)
+        x = spark_float(col, it)
         if kind == "standardize":
             std = t["std"] if t["std"] > 0 else 1.0
             x = (x - F.lit(float(t["mean"]))) / F.lit(float(std))
@@ -102,19 +103,16 @@ def spark_feature(t: dict[str, Any], col: "Column") -> "Column":
             fill = float(t["fill"])
         return F.coalesce(F.when(~F.isnan(x), x), F.lit(fill)).cast("float")
     if kind == "bucketize":
-        x = _spark_double(col)
+        x = spark_float(col, it)
         bounds = F.array(*[F.lit(float(b)) for b in t["boundaries"]]) if t["boundaries"] else F.array().cast("array<double>")
         return F.when(x.isNull(), F.lit(0)).otherwise(F.size(F.filter(bounds, lambda b: b <= x)) + 1).cast("int")
     if kind == "vocabulary":
-        key = col.cast("string")
         if not t["vocab"]:
             return F.lit(0).cast("int")
         # try_element_at: a missing key gives null (OOV) rather than an error under ANSI mode.
-        return F.coalesce(F.when(key.isNotNull(), F.try_element_at(_lookup_map(t["vocab"], 1), key)), F.lit(0)).cast("int")
+        return F.coalesce(spark_lookup(t["vocab"], col, it, 1), F.lit(0)).cast("int")
     if kind == "hash":
-        key = col.cast("string")
-        h = F.pmod(F.crc32(F.encode(key, "UTF-8")), F.lit(int(t["num_buckets"]))) + 1
-        return F.coalesce(F.when(key.isNotNull(), h), F.lit(0)).cast("int")
+        return F.coalesce(spark_hash(col, it, int(t["num_buckets"])), F.lit(0)).cast("int")
     if kind == "tokens":
         length = int(t["length"])
         words = F.filter(F.split(F.lower(col.cast("string")), TOKEN_PATTERN), lambda w: w != F.lit(""))
@@ -143,8 +141,11 @@ def spark_feature(t: dict[str, Any], col: "Column") -> "Column":
 def pandas_feature(t: dict[str, Any], series: "pd.Series") -> Any:
     """The encoded values of transform ``t`` on ``series`` (numpy array or list), as ``spark_feature``."""
     kind = t["type"]
+    it = t.get("input_type")
+    if kind in ("standardize", "minmax", "numeric", "bucketize") and not is_numeric_type(it):
+        raise numeric_type_error(kind, t["input"], it)
     if kind in ("standardize", "minmax", "numeric"):
-        x = _float_array(series)
+        x = pandas_float(series, it)
         if kind == "standardize":
             x = (x - float(t["mean"])) / float(t["std"] if t["std"] > 0 else 1.0)
             fill = 0.0
@@ -154,17 +155,19 @@ def pandas_feature(t: dict[str, Any], series: "pd.Series") -> Any:
             fill = 0.0
         else:
             fill = float(t["fill"])
-        return np.where(np.isnan(x), fill, x).astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: infinity, as Spark's cast gives
+            return np.where(np.isnan(x), fill, x).astype(np.float32)
     if kind == "bucketize":
-        x = _float_array(series)
+        x = pandas_float(series, it)
         ids = np.searchsorted(np.asarray(t["boundaries"], dtype=np.float64), x, side="right") + 1
         return np.where(np.isnan(x), 0, ids).astype(np.int32)
     if kind == "vocabulary":
-        ids = {v: i + 1 for i, v in enumerate(t["vocab"])}
-        return np.asarray([0 if is_null(v) else ids.get(as_key(v), 0) for v in series], dtype=np.int32)
+        if it is None:  # a spec from before input types: keys as it always did
+            ids = {v: i + 1 for i, v in enumerate(t["vocab"])}
+            return np.asarray([0 if is_null(v) else ids.get(as_key(v), 0) for v in series], dtype=np.int32)
+        return np.asarray([i or 0 for i in pandas_lookup(t["vocab"], series, it, 1)], dtype=np.int32)
     if kind == "hash":
-        n = int(t["num_buckets"])
-        return np.asarray([0 if is_null(v) else zlib.crc32(as_key(v).encode()) % n + 1 for v in series], dtype=np.int32)
+        return np.asarray([i or 0 for i in pandas_hash(series, it, int(t["num_buckets"]))], dtype=np.int32)
     if kind == "tokens":
         ids = {v: i + 2 for i, v in enumerate(t["vocab"])}
         length = int(t["length"])
@@ -228,21 +231,24 @@ def spark_label(label: dict[str, Any], col: "Column") -> "Column":
     from pyspark.sql import functions as F
 
     task = label["task"]
+    it = label.get("source_type")
+    if task in ("binary", "regression", "multiclass") and it is not None:
+        col = spark_typed(col, it)
     if task == "binary":
         if label.get("threshold") is not None:
-            x = _spark_double(col)
+            x = spark_float(col, None)
             return getattr(x, _SPARK_OPS[label.get("op", ">")])(F.lit(float(label["threshold"]))).cast("int")
         if label.get("positive") is not None:
-            key = col.cast("string")
-            return F.when(key.isNotNull(), key.isin([as_key(v) for v in label["positive"]])).cast("int")
-        x = _spark_double(col)
+            hit = spark_lookup(list(label["positive"]), col, it, 0)
+            return F.when(col.isNotNull(), hit.isNotNull()).cast("int")
+        x = spark_float(col, None)
         return F.when(x.isin(0.0, 1.0), x).cast("int")
     if task == "regression":
-        return _spark_double(col).cast("float")
+        return spark_float(col, None).cast("float")
     if task == "multiclass":
         if label.get("classes") is not None:
-            return F.try_element_at(_lookup_map([as_key(c) for c in label["classes"]], 0), col.cast("string")).cast("int")
-        x = _spark_double(col)
+            return spark_lookup(list(label["classes"]), col, it, 0).cast("int")
+        x = spark_float(col, None)
         n = int(label["num_classes"])
         return F.when((x >= 0) & (x < n) & (F.floor(x) == x), x).cast("int")
     if task == "multilabel":
@@ -260,29 +266,29 @@ def pandas_label(label: dict[str, Any], series: "pd.Series") -> Any:
     import pandas as pd
 
     task = label["task"]
+    it = label.get("source_type")
     if task == "binary":
         if label.get("threshold") is not None:
-            x = _float_array(series)
+            x = pandas_float(series, it)
             out = _NP_OPS[label.get("op", ">")](x, float(label["threshold"])).astype(np.int32)
             return _nullable(out, np.isnan(x), "Int32")
         if label.get("positive") is not None:
-            pos = {as_key(v) for v in label["positive"]}
-            nulls = np.asarray([is_null(v) for v in series], dtype=bool)
-            out = np.asarray([0 if is_null(v) else int(as_key(v) in pos) for v in series], dtype=np.int32)
+            nulls = np.asarray([v is None for v in pandas_values(series, it)], dtype=bool)
+            hits = pandas_lookup(list(label["positive"]), series, it, 0)
+            out = np.asarray([int(h is not None) for h in hits], dtype=np.int32)
             return _nullable(out, nulls, "Int32")
-        x = _float_array(series)
+        x = pandas_float(series, it)
         bad = ~np.isin(x, (0.0, 1.0))
         return _nullable(np.where(bad, 0, x).astype(np.int32), bad, "Int32")
     if task == "regression":
-        x = _float_array(series)
+        x = pandas_float(series, it)
         return _nullable(np.where(np.isnan(x), 0, x).astype(np.float32), np.isnan(x), "Float32")
     if task == "multiclass":
         if label.get("classes") is not None:
-            ids = {as_key(c): i for i, c in enumerate(label["classes"])}
-            got = [None if is_null(v) else ids.get(as_key(v)) for v in series]
+            got = pandas_lookup(list(label["classes"]), series, it, 0)
             nulls = np.asarray([g is None for g in got], dtype=bool)
             return _nullable(np.asarray([g or 0 for g in got], dtype=np.int32), nulls, "Int32")
-        x = _float_array(series)
+        x = pandas_float(series, it)
         n = int(label["num_classes"])
         bad = np.isnan(x) | (x < 0) | (x >= n) | (np.floor(x) != x)
         return _nullable(np.where(bad, 0, x).astype(np.int32), bad, "Int32")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from sparkdl import _fs
+from sparkdl.errors import NoSpecRecordedError
 from sparkdl.lakehouse import Lakehouse, normalize_uri, snapshot
 from sparkdl.models import ship_to_executors
 from sparkdl.session import on_storage
@@ -63,7 +64,7 @@ def _spec_json(train_uri: str, version: int) -> dict[str, Any] | None:
 
     try:
         return json.loads(load_spec_for_table(train_uri, version).to_json())
-    except ValueError:  # the version records no spec (a table not written by the ETL)
+    except NoSpecRecordedError:  # a table not written by the ETL; a spec that fails its checks stops the run
         return None
 
 
@@ -98,6 +99,7 @@ def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[RankSetup, dict
 
     train_uri = _uri(cfg.lakehouse, cfg.train_table)
     snap = snapshot(train_uri, train_version)
+    spec = _spec_json(train_uri, snap.version)  # before any scan: a tampered spec stops the run here
     schema = snap.dataset_schema
     label, features, weight = _columns(cfg, train_uri, schema)
     feats = [feature_of(schema.column(c), table=train_uri) for c in features]
@@ -116,7 +118,7 @@ def _setup(cfg: TrainConfig, train_version: int | None) -> tuple[RankSetup, dict
         if absent:
             raise ValueError(f"validation table {valid_uri} lacks columns {absent} of the training table")
         check_table(vsnap, label=label, task=task, features=feats, weight=weight)
-    table = TableFeatures(features=tuple(feats), spec=_spec_json(train_uri, snap.version),
+    table = TableFeatures(features=tuple(feats), spec=spec,
                           label=LabelInfo(name=label, task=task.name, num_classes=task.num_classes,
                                           output_dim=task.output_dim))
     setup = RankSetup(train_uri=train_uri, train_version=snap.version, valid_uri=valid_uri,

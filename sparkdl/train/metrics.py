@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sparkdl import _fs
+from sparkdl.data.loader import PAD_MASK
 
 if TYPE_CHECKING:
     from sparkdl.tasks import Task
@@ -72,7 +73,8 @@ def validate(model: torch.nn.Module, loader: Any, label: str, task: "Task", devi
 
     ``loader`` must be unshuffled with ``remainder="pad"``: rank r then holds rows
     ``[r*R, (r+1)*R)`` of the table's stream, wrapping around (sparkdl/data/plan.py), so the
-    rows at stream index >= N are the padding repeats and are dropped here. Each rank sums its
+    rows at stream index >= N are the padding repeats, which the batches' ``_valid`` mask marks
+    (``sparkdl.data.loader.PAD_MASK``) and which are dropped here. Each rank sums its
     rows' contributions and one all-reduce adds them up; a metric that needs every row in one
     place (the binary AUC) gathers its (score, label, weight) rows to rank 0 only, which
     broadcasts the result. Collectives run on ``device`` tensors (NCCL takes CUDA tensors only)."""
@@ -87,7 +89,8 @@ def validate(model: torch.nn.Module, loader: Any, label: str, task: "Task", devi
             for batch in loader:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 n = len(batch[label])
-                keep = (first + seen + torch.arange(n, device=device)) < total_rows
+                # The loader's padding mask (remainder="pad"); the same rule from positions otherwise.
+                keep = batch[PAD_MASK] if PAD_MASK in batch else (first + seen + torch.arange(n, device=device)) < total_rows
                 seen += n
                 out = task.outputs(model(batch))[keep]
                 y = batch[label][keep]
