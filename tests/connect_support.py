@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 
 __all__ = [
     "ROOT", "PYSPARK_CLIENT", "ConnectServer", "ClientVenv", "start_connect_server", "ensure_client_venv",
-    "client_requirements", "client_env", "run_client", "ClientFailed",
+    "client_requirements", "client_env", "run_client", "run_source", "ClientFailed",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,16 +349,26 @@ def ensure_client_venv(cache_root: Path | None = None, *, log=None) -> ClientVen
                 if proc.returncode != 0:
                     raise RuntimeError(f"building the Spark Connect client venv failed: {' '.join(cmd[:4])} ... "
                                        f"(exit {proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        check = subprocess.run([str(path / "bin" / "python"), "-c", _CHECK], capture_output=True, text=True,
-                               env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPARK_HOME")})
-        if check.returncode != 0:
-            shutil.rmtree(path, ignore_errors=True)  # a broken venv is rebuilt next time
-            raise RuntimeError(f"the Spark Connect client venv {path} is not a pyspark-client-only venv:\n{check.stderr[-3000:]}")
-        stamp.write_text("\n".join(reqs) + "\n")
+            stamp.write_text("\n".join(reqs) + "\n")
+    check = run_source(path / "bin" / "python", _CHECK, capture_output=True, text=True, cwd=path,
+                        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPARK_HOME")})
+    if check.returncode != 0:
+        raise RuntimeError(f"the Spark Connect client venv {path} is not a pyspark-client-only venv "
+                           f"(delete it to rebuild):\n{check.stderr[-3000:]}")
     return ClientVenv(path=path, requirements=tuple(reqs), created=created, seconds=time.time() - t0)
 
 
 # ----- running client scripts ---------------------------------------------------------------------
+def run_source(python: Path | str, source: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run Python source from a file, not ``python -c``: pyspark-client (4.2) takes a ``__main__``
+    without ``__file__`` for its doctest runner, and its ``import pyspark.sql.connect`` then exits
+    looking for a SPARK_HOME (pyspark/sql/connect/utils.py check_dependencies)."""
+    with tempfile.TemporaryDirectory(prefix="sparkdl-client-") as tmp:
+        script = Path(tmp) / "client_script.py"
+        script.write_text(source)
+        return subprocess.run([str(python), str(script), *args], **kwargs)
+
+
 class ClientFailed(AssertionError):
     """A client script exited non-zero; the message holds its stdout and stderr."""
 
@@ -376,8 +387,8 @@ def run_client(python: Path | str, script: str, *args: str, remote: str, env: di
                timeout: float = 300.0, check: bool = True, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
     """Run ``script`` (Python source) with ``python`` (the client venv's) and ``args``; with ``check``,
     a non-zero exit raises :class:`ClientFailed` showing both streams."""
-    proc = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True, timeout=timeout,
-                          env=client_env(remote, env), cwd=cwd, stdin=subprocess.DEVNULL)
+    proc = run_source(python, script, *args, capture_output=True, text=True, timeout=timeout,
+                       env=client_env(remote, env), cwd=cwd, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise ClientFailed(f"client script exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                            f"--- stderr ---\n{proc.stderr[-8000:]}")

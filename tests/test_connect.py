@@ -8,13 +8,12 @@ they are xfail until sparkdl runs over Connect; drop the xfail marks when they p
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from connect_support import PYSPARK_CLIENT
+from connect_support import PYSPARK_CLIENT, run_source
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +46,8 @@ def test_client_venv_has_pyspark_client_and_no_jvm_parts(connect_client_python):
         }))
         """
     )
-    proc = subprocess.run([str(connect_client_python.python), "-c", script], capture_output=True, text=True,
-                          timeout=120, env={"PATH": "/usr/bin:/bin"})
+    proc = run_source(connect_client_python.python, script, capture_output=True, text=True, timeout=120,
+                      env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     got = _last_json(proc.stdout)
     assert got["client_dist"] == PYSPARK_CLIENT.split("==")[-1] == got["version"]
@@ -62,7 +61,7 @@ PROBES = textwrap.dedent(
     import json, os, sys, pathlib
     import pyspark
     from pyspark.sql import SparkSession
-    from pyspark.errors import PySparkNotImplementedError
+    from pyspark.errors import PySparkException
 
     spark = SparkSession.builder.remote(os.environ["SPARK_REMOTE"]).getOrCreate()
     out = {"client": pyspark.__version__, "server": spark.version,
@@ -71,7 +70,7 @@ PROBES = textwrap.dedent(
     try:
         spark.sparkContext
         out["sparkContext"] = "no error"
-    except PySparkNotImplementedError as e:
+    except PySparkException as e:  # PySparkAttributeError in 4.x
         out["sparkContext"] = e.getCondition() if hasattr(e, "getCondition") else e.getErrorClass()
 
     def stage(batches):
@@ -113,7 +112,7 @@ def test_dataframes_barrier_stages_and_artifacts_over_connect(run_client, tmp_pa
     assert got["server"].startswith("4.3") and got["client"] == PYSPARK_CLIENT.split("==")[-1], got
     assert got["range"] == list(range(6))
     assert got["sparkContext"] == "JVM_ATTRIBUTE_NOT_SUPPORTED"
-    assert got["barrier"] == [(0, 5), (1, 5)] and got["barrier_pids"] == 2, got
+    assert got["barrier"] == [[0, 5], [1, 5]] and got["barrier_pids"] == 2, got
     assert got["artifact"] == [0, 3, 6, 9]
 
 
