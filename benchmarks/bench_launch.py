@@ -124,6 +124,7 @@ def _remote(url: str, reps: int) -> None:
 
 def _connect(reps: int) -> int:
     """Start a Connect server and the client venv as the tests do, then time both launchers in it."""
+    import secrets
     import subprocess
     import sys
     import tempfile
@@ -133,7 +134,11 @@ def _connect(reps: int) -> int:
     import connect_support
 
     with tempfile.TemporaryDirectory(prefix="bench-connect-") as tmp:
-        server = connect_support.start_connect_server(Path(tmp))
+        # Version skew: pyspark-client 4.2's TorchDistributor pickles its 4.2 task function, which
+        # calls the server's 4.3 torchrun helpers; those read a rendezvous id that only 4.3's task
+        # function sets. Each run takes a fresh MASTER_PORT, so one id per server is enough.
+        server = connect_support.start_connect_server(
+            Path(tmp), conf={"spark.executorEnv.PYSPARK_TORCH_DISTRIBUTOR_RDZV_ID": secrets.token_hex(16)})
         try:
             venv = connect_support.ensure_client_venv(log=print)
             print(f"client venv {venv.path}: {'built' if venv.created else 'cached'} in {venv.seconds:.1f} s", flush=True)
