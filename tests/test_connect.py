@@ -203,7 +203,7 @@ def test_readme_tour_from_a_pyspark_client_only_venv(run_client, connect_server,
     # The pipeline job (jobs/*.py --remote, or SPARK_REMOTE alone) on a second lakehouse.
     job = ROOT / "jobs" / "pipeline.py"
     args = [str(job), "--lakehouse", str(tmp_path / "lh2"), "--config", str(tmp_path / "churn.yaml"),
-            "--epochs", "1", "--num-ranks", "2"]
+            "--epochs", "1", "--batch-size", "32", "--num-ranks", "2"]
     if "--remote" in job.read_text():
         args += ["--remote", connect_server.url]
     proc = run_client(f"import runpy, sys; sys.argv = {args!r}; runpy.run_path({str(job)!r}, run_name='__main__')",
