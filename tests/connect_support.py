@@ -46,7 +46,7 @@ PYSPARK_CLIENT = os.environ.get("SPARKDL_PYSPARK_CLIENT", "pyspark-client==4.2.0
 CLIENT_PYTHON = (3, 11)
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 # Runtime dependencies the client does not need from pyproject.toml (the server side has them).
-_NOT_ON_CLIENT = {"pyspark", "py4j"}
+_NOT_ON_CLIENT = {"pyspark", "py4j", "pyspark-client", "pyspark-connect"}
 
 
 # ----- the server ---------------------------------------------------------------------------------
@@ -279,17 +279,18 @@ def _dist_version(name: str) -> str | None:
 
 
 def client_requirements() -> list[str]:
-    """pyspark-client plus pyproject.toml's runtime dependencies except pyspark, each pinned to the
-    version this interpreter has (the main venv's, so pip takes them from its cache), else the
-    pyproject range."""
-    text = (ROOT / "pyproject.toml").read_text()
-    block = re.search(r"^dependencies\s*=\s*\[(.*?)^\]", text, re.S | re.M)
-    if block is None:
-        raise RuntimeError(f"no [project] dependencies list in {ROOT / 'pyproject.toml'}")
+    """pyspark-client plus pyproject.toml's runtime dependencies and its ``examples`` and ``connect``
+    extras (where they exist), without pyspark or py4j; each pinned to the version this interpreter
+    has (the main venv's, so pip takes them from its cache), else kept as pyproject's range."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    specs = [*project.get("dependencies", []), *extras.get("examples", []), *extras.get("connect", [])]
     reqs = [PYSPARK_CLIENT]
-    for spec in re.findall(r'"([^"]+)"', block.group(1)):
+    for spec in specs:
         name = re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]
-        if name.lower() in _NOT_ON_CLIENT:
+        if name.lower() in _NOT_ON_CLIENT or any(r.split("==")[0].split("[")[0].lower() == name.lower() for r in reqs):
             continue
         have = _dist_version(name)
         reqs.append(f"{name}=={have}" if have else spec)

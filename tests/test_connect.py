@@ -56,6 +56,18 @@ def test_client_venv_has_pyspark_client_and_no_jvm_parts(connect_client_python):
     assert got["torch"] and got["python"] == [3, 11]
 
 
+def test_a_server_that_cannot_start_fails_naming_it_with_its_log_tail(tmp_path):
+    from connect_support import start_connect_server
+
+    server = start_connect_server(tmp_path, master="nonsense://nowhere")
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)exited with code \d+ before listening.*tail of .*connect-server\.log.*Master must either be yarn or start with"):
+            server.wait_ready("/nonexistent/python", timeout=120)
+    finally:
+        server.stop()
+    assert server.descendants() == []
+
+
 PROBES = textwrap.dedent(
     """
     import json, os, sys, pathlib
