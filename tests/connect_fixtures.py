@@ -29,7 +29,10 @@ __all__ = ["connect_client_python", "connect_server", "run_client"]
 def _report(request, line: str) -> None:
     """A line in the terminal even without -s (server start and venv build times)."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
         reporter.write_line(f"[connect] {line}")
 
 
