@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 from storage_fixtures import hdfs_uri, s3_endpoint  # noqa: E402,F401  (HDFS and S3 servers: tests/storage_fixtures.py)
+from connect_fixtures import connect_client_python, connect_server, run_client  # noqa: E402,F401  (Spark Connect: tests/connect_fixtures.py)
 
 
 @pytest.fixture(scope="session")
