@@ -17,9 +17,6 @@ from connect_support import PYSPARK_CLIENT, run_source
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-PENDING = pytest.mark.xfail(reason="issue 18: sparkdl over Spark Connect is not in yet; drop this mark once it passes",
-                            strict=False)
-
 
 def _last_json(stdout: str) -> dict:
     """The JSON object a client script prints as its last line."""
@@ -198,7 +195,6 @@ def _readme_churn(work: Path, n: int = 240) -> int:
 
 
 @pytest.mark.slow
-@PENDING
 def test_readme_tour_from_a_pyspark_client_only_venv(run_client, connect_server, tmp_path):
     """ETL -> 2-rank training -> predict from the client, then the pipeline job over Connect."""
     n = _readme_churn(tmp_path)
@@ -258,7 +254,6 @@ KILL_AND_RESUME = textwrap.dedent(
 
 
 @pytest.mark.slow
-@PENDING
 def test_killed_rank_resumes_over_connect_with_identical_parameters(run_client, tmp_path):
     """tests/test_train.py's kill-and-resume, driven from the Connect client: rank 1's worker exits
     at step 13, the stage relaunches and resumes from the step-10 checkpoint, bit-identical."""
@@ -266,3 +261,24 @@ def test_killed_rank_resumes_over_connect_with_identical_parameters(run_client, 
     assert got["steps"][0] == got["steps"][1] > 13
     assert got["attempts"] == [0, 1], "the fault must have forced a second attempt"
     assert got["identical"], "the resumed run's parameters differ from the clean run's"
+
+
+@pytest.mark.slow
+def test_tour_on_an_hdfs_lakehouse_from_a_client_without_any_hdfs_client(run_client, hdfs_uri, tmp_path):
+    """Every lakehouse read and write the client would make runs on the cluster (on_storage): the
+    client venv has no HDFS client (no hdfs-native, no JVM), yet ETL, training, publishing and
+    predict land on hdfs://."""
+    from sparkdl import _fs
+
+    no_client = run_client("import importlib.util as u\nprint(u.find_spec('hdfs_native') is None, "
+                           "u.find_spec('py4j') is None)\n").stdout.split()
+    assert no_client[-2:] == ["True", "True"], no_client
+    n = _readme_churn(tmp_path)
+    lake = f"{hdfs_uri}/connect-lake"
+    got = _last_json(run_client(TOUR, str(tmp_path), lake, timeout=900).stdout)
+    assert got["rows_in"] == n == got["rows_out"] + got["rows_rejected"]
+    assert got["model"] == ["churn", 1] and got["pred_rows"] > 0
+    assert got["curves"].startswith("hdfs://") and _fs.exists(got["curves"])
+    for table in ("churn_train", "churn_valid", "churn_rejects", "churn_predictions"):
+        assert _fs.exists(f"{lake}/tables/{table}/_delta_log/00000000000000000000.json"), table
+    assert _fs.exists(f"{lake}/models/churn/v1")
