@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from typing import Any, Callable
 
 from sparkdl import _fs
@@ -141,4 +140,3 @@ class ProgressFileReader:
             self._on_event(event)  # type: ignore[misc]
         except Exception:  # a broken callback must not stop the reader (or the run)
             log.exception("on_progress raised on event %r; continuing", event)
-        time.sleep(0)
